@@ -1,0 +1,12 @@
+"""hfrecipes: the whole life of a language model on Transformers and TRL, with what it knows and what it cost.
+
+import hfrecipes
+out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
+print(out.output_dir, out.record["compute"]["flops_6nd"])
+"""
+
+from hfrecipes.api import StageResult, parse_stage_args, pretrain, recipes, run_stage
+from hfrecipes.errors import UsageError
+
+__version__ = "0.1.0"
+__all__ = ["StageResult", "UsageError", "parse_stage_args", "pretrain", "recipes", "run_stage", "__version__"]

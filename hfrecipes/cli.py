@@ -1,0 +1,100 @@
+"""The `hfrecipes` command: parses, dispatches, owns no training logic. Bad input exits 2 with one message.
+
+hfrecipes recipes
+hfrecipes check tiny/pretrain
+hfrecipes pretrain --config tiny/pretrain --max_steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hfrecipes.errors import UsageError
+from hfrecipes.stages import STAGES
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hfrecipes",
+        allow_abbrev=False,
+        description="Every stage of a language model's life on Transformers and TRL, with cost and cutoff recorded.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    check = sub.add_parser("check", help="parse recipes strictly without running them")
+    check.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe names or paths")
+    check.add_argument("--stage", choices=list(STAGES), help="stage to check against (default: from the path)")
+    for stage in STAGES:
+        sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
+        sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
+        sp.add_argument("-h", "--help", action="store_true", help="list every recipe key of this stage")
+    return p
+
+
+def _check(names: list[str], stage: str | None) -> None:
+    from pathlib import Path
+
+    from hfrecipes.api import parse_stage_args
+    from hfrecipes.recipe import recipes_root, resolve_recipe, stage_of_recipe
+
+    for name in names:
+        path = resolve_recipe(name)
+        st = stage
+        if st is None:
+            try:
+                st = stage_of_recipe(path)
+            except ValueError:
+                st = Path(path).stem.split("_")[0]
+        if st not in STAGES:
+            raise UsageError(f"{path}: cannot tell its stage (got '{st}'); pass --stage one of {list(STAGES)}.")
+        parse_stage_args(st, path)
+        print(f"ok  {st:<9} {path if not str(path).startswith(str(recipes_root())) else name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        if args.command == "recipes":
+            from hfrecipes.recipe import list_recipes
+
+            print("\n".join(list_recipes()))
+            return 0
+        if args.command == "check":
+            if rest:
+                raise UsageError(f"unknown argument(s) for 'check': {' '.join(rest)}")
+            _check(args.recipes, args.stage)
+            return 0
+        if args.help:
+            from hfrecipes.recipe import _strict_parser
+            from hfrecipes.stages import get_stage
+
+            _strict_parser(get_stage(args.command).DATACLASSES).print_help()
+            return 0
+        if args.config is None:
+            raise UsageError(
+                f"'{args.command}' needs --config: a bundled recipe (see `hfrecipes recipes`) or a YAML path."
+            )
+        from hfrecipes.api import run_stage
+
+        result = run_stage(args.command, args.config, cli_args=rest)
+        print(f"{args.command} finished: {result.output_dir}")
+        return 0
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"hfrecipes: error: {e}", file=sys.stderr)
+        return EXIT_USAGE

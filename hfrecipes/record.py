@@ -1,0 +1,205 @@
+"""The stage record (`record.json`): what a stage saw, did and cost. Read, written atomically, chained to its parent.
+
+Every stage calls, in order: `check_output_dir` (before anything expensive), `start_run` (marks the folder as
+this run's), `new_record`, then `finish_record` + `write_record` after training. The card (`card.py`) is rendered
+from the record alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hfrecipes.errors import UsageError
+
+RECORD = "record.json"
+MARKER = ".hfrecipes-run.json"
+SCHEMA_VERSION = 1
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: a kill leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); the stage record is damaged.") from None
+
+
+def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
+    path = Path(folder) / RECORD
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    return path
+
+
+def is_complete(folder: str | Path) -> bool:
+    rec = read_record(folder)
+    return bool(rec and rec.get("status") == "complete")
+
+
+def check_output_dir(output_dir: str | Path, stage: str) -> str | None:
+    """Refuse a folder that holds anything but an interrupted run of this stage; say which checkpoint to resume.
+
+    Returns the last checkpoint of an interrupted run of the same stage, or None for a new or empty folder. Writes
+    nothing, so a refusal leaves the user's files as they were.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output_dir '{out}' is a file. Set output_dir to a new folder.")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    if is_complete(out):
+        raise UsageError(
+            f"output_dir '{out}' already holds a finished stage. Set output_dir to a new folder, or delete it "
+            "to train again."
+        )
+    marker = out / MARKER
+    if not marker.is_file():
+        raise UsageError(
+            f"output_dir '{out}' exists and holds other files. Set output_dir to a new or empty folder; "
+            "nothing in it was changed."
+        )
+    info = json.loads(marker.read_text())
+    if info.get("stage") != stage:
+        raise UsageError(
+            f"output_dir '{out}' holds an unfinished '{info.get('stage')}' run, not a '{stage}' run. "
+            "Set output_dir to another folder."
+        )
+    checkpoints = sorted(
+        (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def start_run(output_dir: str | Path, stage: str, is_main: bool = True) -> None:
+    """Mark the folder as this stage's, so a rerun after a kill resumes instead of refusing."""
+    if is_main:
+        atomic_write_text(Path(output_dir) / MARKER, json.dumps({"stage": stage, "started": now()}) + "\n")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("hfrecipes", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def device_info(world_size: int) -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        kind, name = "cuda", torch.cuda.get_device_name(0)
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        kind, name = "mps", "Apple MPS"
+    else:
+        kind, name = "cpu", platform.processor() or platform.machine()
+    return {"kind": kind, "name": name, "count": world_size, "torch_threads": torch.get_num_threads()}
+
+
+def new_record(stage: str, recipe: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "stage": stage,
+        "run_id": uuid.uuid4().hex[:12],
+        "status": "running",
+        "started": now(),
+        "finished": None,
+        "recipe": recipe,
+        "versions": versions(),
+        "model": {},
+        "data": {},
+        "compute": {},
+        "metrics": {},
+        "parent": parent,
+    }
+
+
+def model_summary(model, source: str, dtype: str | None = None) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embedding = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "source": source,
+        "params_total": total,
+        "params_trainable": trainable,
+        "params_embedding": embedding,
+        "dtype": dtype or str(next(model.parameters()).dtype).replace("torch.", ""),
+        "adapter": None,
+    }
+
+
+def compute_summary(
+    params: int, tokens: int, trainer_flos: float, wall_seconds: float, device: dict[str, Any]
+) -> dict[str, Any]:
+    """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings)."""
+    hours = wall_seconds / 3600 * device["count"]
+    return {
+        "flops_6nd": 6.0 * params * tokens,
+        "flops_trainer": float(trainer_flos),
+        "wall_seconds": round(wall_seconds, 3),
+        "device": device,
+        "device_hours": hours,
+        "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else None,
+    }
+
+
+def lineage(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chain of records from the first stage to this one."""
+    chain = []
+    while record:
+        chain.append(record)
+        record = record.get("parent")
+    return chain[::-1]
+
+
+def metrics_callback(output_dir: str | Path):
+    """A trainer callback that appends every log to `metrics.jsonl` (main process only)."""
+    from transformers import TrainerCallback
+
+    path = Path(output_dir) / "metrics.jsonl"
+
+    class MetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with path.open("a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return MetricsCallback()
