@@ -53,15 +53,24 @@ class ScriptArguments(trl.ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training examples (quick runs)."}
     )
+    dataset_test_split: str | None = field(
+        default="test",
+        metadata={
+            "help": "Split held out for evaluation; null or an empty string for none. A single data file has "
+            "no test split."
+        },
+    )
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny data (`tiny:` datasets)."})
 
     def __post_init__(self):
+        if self.dataset_test_split == "":
+            self.dataset_test_split = None
         if isinstance(self.dataset_columns, str):
             try:
                 self.dataset_columns = json.loads(self.dataset_columns)
             except json.JSONDecodeError:
                 raise ValueError(
-                    "dataset_columns must be a mapping such as '{\"text\": \"content\"}', "
+                    'dataset_columns must be a mapping such as \'{"text": "content"}\', '
                     f"got {self.dataset_columns!r}"
                 ) from None
         if self.knowledge_cutoff is not None:

@@ -27,6 +27,27 @@ class ModelConfig(trl.ModelConfig):
     )
 
 
+def has_accelerator() -> bool:
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+    )
+
+
+def apply_device_defaults(args) -> None:
+    """On a machine without an accelerator, train on the CPU: `use_cpu=True` (so `accelerate launch --multi_gpu`
+    gives gloo DDP instead of one process per rank training alone), and no bf16/fp16 (TRL configs default bf16 on,
+    which a CPU-only machine refuses). Call at the top of a config's `__post_init__`."""
+    if has_accelerator():
+        return
+    args.use_cpu = True
+    args.bf16 = False
+    args.fp16 = False
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 

@@ -108,6 +108,12 @@ def start_run(output_dir: str | Path, stage: str, is_main: bool = True) -> None:
         atomic_write_text(Path(output_dir) / MARKER, json.dumps({"stage": stage, "started": now()}) + "\n")
 
 
+def drop_pickles(folder: str | Path) -> None:
+    """Trainer pickles its arguments next to the model; the record holds them as JSON, so the folder stays
+    pickle-free (loading a pickle can run code)."""
+    (Path(folder) / "training_args.bin").unlink(missing_ok=True)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -27,7 +27,9 @@ class PretrainConfig(TrainingArguments):
     """`transformers.TrainingArguments` plus what pretraining needs.
 
     Changed defaults: `logging_steps=10` (tiny runs need a visible curve), `save_total_limit=2` (checkpoints of a
-    long run add up), `lr_scheduler_type="cosine"` (the usual choice for pretraining).
+    long run add up), `lr_scheduler_type="cosine"` (the usual choice for pretraining),
+    `ddp_find_unused_parameters=False` (a dense LM uses every parameter), and CPU training on a machine without an
+    accelerator (`modeling.apply_device_defaults`).
     """
 
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
@@ -52,10 +54,14 @@ class PretrainConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter is used in every step: skip DDP's extra graph walk."}
+    )
 
     def __post_init__(self):
         import json
 
+        modeling.apply_device_defaults(self)
         if isinstance(self.model_init_overrides, str):
             self.model_init_overrides = json.loads(self.model_init_overrides)
         if self.block_size < 2:
@@ -173,6 +179,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
+        record.drop_pickles(output_dir)
         steps = trainer.state.global_step
         batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         examples = steps * batch * training_args.world_size

@@ -1,0 +1,100 @@
+"""Every recipe in the tree parses strictly (found recursively), and strictness errors are clear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hfrecipes.api import parse_stage_args
+from hfrecipes.errors import UsageError
+from hfrecipes.recipe import list_recipes, load_yaml, recipes_root, resolve_recipe, stage_of_recipe
+from hfrecipes.stages import STAGES
+
+ALL_YAML = sorted(recipes_root().rglob("*.yaml"))
+
+
+def test_recipes_are_found_recursively():
+    assert ALL_YAML, "no recipes found"
+    assert "tiny/pretrain" in list_recipes()
+    assert len(list_recipes()) == len(ALL_YAML)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(recipes_root())))
+def test_every_recipe_parses(path: Path):
+    stage = stage_of_recipe(path)
+    if stage is None:  # accelerate launcher configs: YAML mappings with a distributed_type
+        assert "distributed_type" in load_yaml(path)
+        return
+    if stage == "lifecycle":
+        pytest.skip("lifecycle recipes are checked by the lifecycle tests")
+    assert stage in STAGES, f"{path}: stage '{stage}' is not registered"
+    (script_args, config, model_args), resolved = parse_stage_args(stage, path)
+    assert resolved["values"], "empty recipe"
+    assert config.output_dir
+
+
+def test_bundled_name_and_path_resolve_the_same():
+    by_name = resolve_recipe("tiny/pretrain")
+    assert resolve_recipe(str(by_name)) == by_name
+
+
+def _write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BAD_RECIPES = [
+    # (yaml text, words the message must contain)
+    ("dataset_name: tiny:corpus\nlearning_rat: 0.1\n", ["learning_rat", "learning_rate", "r.yaml"]),
+    ("dataset_name: tiny:corpus\nmax_steps: ten\n", ["max_steps", "'ten'", "int"]),
+    ("dataset_name: tiny:corpus\nuse_peft: maybe\n", ["use_peft", "bool"]),
+    ("dataset_name: tiny:corpus\nlr_scheduler_type: 3\n", ["lr_scheduler_type"]),
+    ("dataset_name: [tiny:corpus\n", ["not valid YAML"]),
+    ("- a\n- b\n", ["mapping", "list"]),
+    ("dataset_name: tiny:corpus\nknowledge_cutoff: last spring\n", ["knowledge_cutoff", "YYYY-MM-DD"]),
+    ("output_dir: x\n", ["dataset_name"]),
+]
+
+
+@pytest.mark.parametrize("text,words", BAD_RECIPES, ids=[w[0] for _, w in BAD_RECIPES])
+def test_bad_recipe_is_one_clear_error(tmp_path, text, words):
+    with pytest.raises(UsageError) as e:
+        parse_stage_args("pretrain", _write(tmp_path, text))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path):
+    # YAML 1.1 reads `1e-3` as a string; a recipe means a number.
+    (_, config, _), _ = parse_stage_args(
+        "pretrain", _write(tmp_path, "dataset_name: tiny:corpus\nlearning_rate: 1e-3\n")
+    )
+    assert config.learning_rate == pytest.approx(1e-3)
+
+
+def test_cli_flags_override_recipe_and_python_overrides():
+    (_, config, _), resolved = parse_stage_args("pretrain", "tiny/pretrain", ["--max_steps", "7"], learning_rate=0.5)
+    assert config.max_steps == 7 and config.learning_rate == 0.5
+    assert resolved["values"]["max_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--max_step", "7"], ["--max_step", "--max_steps"]),
+        (["--max_steps", "seven"], ["max_steps", "seven"]),
+        (["--bogus_flag"], ["--bogus_flag"]),
+    ],
+)
+def test_bad_cli_flags(flags, words):
+    with pytest.raises(UsageError) as e:
+        parse_stage_args("pretrain", "tiny/pretrain", flags)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_recipe_suggests_bundled():
+    with pytest.raises(UsageError, match="tiny/pretrain"):
+        resolve_recipe("tiny/pretrian")
