@@ -194,3 +194,15 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert rec["compute"]["device"]["count"] == 2
     assert rec["data"]["tokens_seen"] == 6 * 16 * 128 * 2
     assert (out / "model.safetensors").is_file()
+
+
+def test_report_to_tensorboard_logs_through_the_trainer(tmp_path):
+    out = hfrecipes.pretrain(
+        "tiny/pretrain",
+        max_steps=3,
+        logging_steps=1,
+        report_to="tensorboard",
+        output_dir=str(tmp_path / "tb"),
+        dataset_test_split="",
+    )
+    assert list(out.output_dir.rglob("events.out.tfevents.*"))
