@@ -39,3 +39,18 @@ def recipes() -> list[str]:
     from hfrecipes.recipe import list_recipes
 
     return list_recipes()
+
+
+def export(stage_dir: str | Path, out_dir: str | Path, **kwargs) -> StageResult:
+    """Merge adapters and write a folder vLLM serves as is; verify it (see `hfrecipes.exporting.export`)."""
+    from hfrecipes.exporting import export as _export
+
+    out, rec = _export(stage_dir, out_dir, **kwargs)
+    return StageResult(Path(out), rec)
+
+
+def generate(model_dir: str | Path, prompts, out: str | Path | None = None, **kwargs):
+    """Batched generation with vLLM (when installed) or transformers; returns (rows, stats)."""
+    from hfrecipes.inference import generate as _generate
+
+    return _generate(model_dir, prompts, out, **kwargs)

@@ -8,6 +8,7 @@ hfrecipes pretrain --config tiny/pretrain --max_steps 50
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -29,6 +30,26 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="parse recipes strictly without running them")
     check.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe names or paths")
     check.add_argument("--stage", choices=list(STAGES), help="stage to check against (default: from the path)")
+    exp = sub.add_parser("export", help="merge adapters, write a folder vLLM serves as is, verify it")
+    exp.add_argument("stage_dir", help="a stage folder (full weights or a LoRA adapter)")
+    exp.add_argument("out_dir", help="the folder to write (refused if it holds files, unless --force)")
+    exp.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    exp.add_argument("--force", action="store_true", help="replace an existing export folder")
+    exp.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload/vLLM check")
+    exp.add_argument("--no-vllm", dest="vllm", action="store_false", default=None, help="skip the vLLM check")
+    exp.add_argument("--trust_remote_code", action="store_true")
+    gen = sub.add_parser("generate", help="batched generation (vLLM when installed, else transformers)")
+    gen.add_argument("model_dir")
+    gen.add_argument("--prompts", required=True, help="jsonl: rows with 'prompt' (text or messages) or 'messages'")
+    gen.add_argument("--out", help="jsonl of prompts and completions")
+    gen.add_argument("--engine", default="auto", help="auto, vllm or transformers")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top_p", type=float, default=1.0)
+    gen.add_argument("--max_new_tokens", type=int, default=64)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch_size", type=int, default=32, help="prompts per batch (transformers)")
+    gen.add_argument("--price_per_hour", type=float, help="device price in $/h, for $ per million tokens")
     for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
@@ -72,6 +93,46 @@ def main(argv: list[str] | None = None) -> int:
             from hfrecipes.recipe import list_recipes
 
             print("\n".join(list_recipes()))
+            return 0
+        if args.command in ("check", "export", "generate") and rest:
+            raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
+        if args.command == "export":
+            from hfrecipes.api import export
+
+            result = export(
+                args.stage_dir,
+                args.out_dir,
+                dtype=args.dtype,
+                force=args.force,
+                verify_load=args.verify,
+                use_vllm=args.vllm,
+                trust_remote_code=args.trust_remote_code,
+            )
+            verified = result.record["export"].get("verify", {})
+            print(f"exported {args.stage_dir} -> {result.output_dir}; verify: {json.dumps(verified)}")
+            return 0
+        if args.command == "generate":
+            from hfrecipes.api import generate
+
+            _, stats = generate(
+                args.model_dir,
+                args.prompts,
+                args.out,
+                engine=args.engine,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                n=args.n,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                price_per_hour=args.price_per_hour,
+            )
+            cost = stats["dollars_per_million_tokens"]
+            print(
+                f"{stats['engine']}: {stats['generated_tokens']} tokens for {stats['prompts']} prompts in "
+                f"{stats['wall_seconds']:.2f} s = {stats['tokens_per_second']:.1f} tokens/s; "
+                f"{stats['flops_per_token']:.3g} FLOPs/token" + (f"; ${cost:.4f} per 1M tokens" if cost else "")
+            )
             return 0
         if args.command == "check":
             if rest:
