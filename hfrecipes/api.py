@@ -34,6 +34,16 @@ def pretrain(recipe: str | Path = "tiny/pretrain", **overrides) -> StageResult:
     return run_stage("pretrain", recipe, **overrides)
 
 
+def cost(params: float, tokens: float, device: str = "h100", **options) -> dict[str, Any]:
+    """Plan a run before it happens: training FLOPs, device-hours, dollars, energy, CO2, serving cost, break-even.
+
+    Options are those of `hfrecipes.cost.plan` (num_devices, mfu, price_per_hour, daily_tokens, ...).
+    """
+    from hfrecipes.cost import plan
+
+    return plan(params, tokens, device, **options)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

@@ -20,6 +20,7 @@ from typing import Any
 
 from hfrecipes import record as records
 from hfrecipes.cost import break_even, serving
+from hfrecipes.cost import format_dollars as _money
 from hfrecipes.recipe import _resource_dir
 
 PIPELINE_TAGS = {"reward": "text-classification"}
@@ -64,12 +65,6 @@ def _duration(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
-
-
-def _money(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"${x:,.0f}" if abs(x) >= 1000 else f"${x:.3g}"
 
 
 def _num(x: float | None) -> str:

@@ -332,6 +332,12 @@ def _num(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
+def format_dollars(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"${x:,.0f}" if abs(x) >= 1000 else f"${x:.3g}"
+
+
 def format_plan(p: dict[str, Any]) -> str:
     i, t, s, b = p["inputs"], p["training"], p["serving"], p["break_even"]
     lines = [
@@ -341,16 +347,16 @@ def format_plan(p: dict[str, Any]) -> str:
         f"  FLOPs               {_num(t['flops'])}" + (" (6·N·D + attention)" if i["attention"] else " (6·N·D)"),
         f"  device-hours        {_num(t['device_hours'])}",
         f"  wall time           {_num(t['wall_hours'])} h ({_num(t['wall_hours'] / 24)} days)",
-        f"  dollars             ${t['dollars']:,.0f}",
+        f"  dollars             {format_dollars(t['dollars'])}",
         f"  energy              {_num(t['energy_kwh'])} kWh (PUE {i['pue']:g})",
         f"  CO2                 {_num(t['co2_kg'] / 1000)} t ({i['grid_gco2_per_kwh']:g} gCO2/kWh)",
         "serving",
         f"  FLOPs per token     {_num(s['flops_per_token'])} (2·N)",
         f"  tokens/s per device {_num(s['tokens_per_second'])} ({s['tokens_per_second_source']})",
-        f"  $ per 1M tokens     {_num(s['dollars_per_million_tokens'])}",
+        f"  $ per 1M tokens     {format_dollars(s['dollars_per_million_tokens'])}",
         "break-even (serving has cost more than training)",
         f"  after               {_num(b['tokens'])} generated tokens",
     ]
     if b["days"] is not None:
-        lines.append(f"  at {_num(p['daily_tokens'])} tokens/day  {_num(b['days'])} days")
+        lines.append(f"  days                {_num(b['days'])} at {_num(p['daily_tokens'])} generated tokens a day")
     return "\n".join(lines)
