@@ -8,7 +8,7 @@ print(out.output_dir, out.record["compute"]["flops_6nd"])
 # `hfrecipes.cost` is the planner function. The module of the same name is imported first, so that loading it later
 # cannot replace the function on the package; code reaches the module with `from hfrecipes.cost import ...`.
 from hfrecipes import cost as _cost_module  # noqa: F401
-from hfrecipes.api import StageResult, cost, parse_stage_args, pretrain, recipes, run_stage
+from hfrecipes.api import StageResult, cost, parse_stage_args, pretrain, push, read_record, recipes, run_stage
 from hfrecipes.errors import UsageError
 
 __version__ = "0.1.0"
@@ -18,6 +18,8 @@ __all__ = [
     "cost",
     "parse_stage_args",
     "pretrain",
+    "push",
+    "read_record",
     "recipes",
     "run_stage",
     "__version__",

@@ -4,6 +4,7 @@ hfrecipes recipes
 hfrecipes check tiny/pretrain
 hfrecipes pretrain --config tiny/pretrain --max_steps 50
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
+hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--serve-tokens-per-second", type=float, default=None, help="measured serving throughput")
     cost.add_argument("--daily-tokens", type=float, default=None, help="generated tokens a day (break-even days)")
     cost.add_argument("--json", action="store_true", help="print the plan as JSON")
+    push = sub.add_parser("push", help="upload a finished stage folder to the Hugging Face Hub")
+    push.add_argument("folder", metavar="STAGE_DIR", help="a finished stage folder")
+    push.add_argument("--repo-id", required=True, help="the model repo, e.g. me/tiny-sft")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
@@ -111,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"unknown argument(s) for 'check': {' '.join(rest)}")
             _check(args.recipes, args.stage)
             return 0
-        if args.command == "cost" and rest:
+        if args.command in ("cost", "push") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
         if args.command == "cost":
             _cost(args)
+            return 0
+        if args.command == "push":
+            from hfrecipes.api import push
+
+            result = push(args.folder, args.repo_id, private=args.private)
+            state = "new commit" if result["changed"] else "unchanged, no new commit"
+            print(f"pushed {args.folder} to {result['repo_id']} ({state}): {result['url']}")
             return 0
         if args.help:
             from hfrecipes.recipe import _strict_parser
