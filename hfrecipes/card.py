@@ -282,7 +282,7 @@ def render(
     inference = rec.get("inference") or {}
     serve = serving(
         params or 0,
-        inference.get("device") or compute.get("device"),
+        inference.get("device") or compute.get("cost_device") or compute.get("device"),
         inference.get("tokens_per_second"),
         inference.get("price_per_hour", compute.get("price_per_hour") if not inference.get("device") else None),
     )

@@ -210,11 +210,11 @@ def serving(
     price = price_per_hour if price_per_hour is not None else (row.price_per_hour if row else None)
     if tokens_per_second:
         source = "measured"
-    elif row:
+    elif row and params > 0:
         tokens_per_second = row.peak_flops * serve_mfu / inference_flops_per_token(params)
         source = f"estimated: {serve_mfu:.0%} of {row.label} peak / 2·N"
     else:
-        source = "unknown device"
+        source = "unknown device" if row is None else "unknown parameter count"
     per_million = dollars_per_million_tokens(price, tokens_per_second) if price is not None else None
     return {
         "flops_per_token": inference_flops_per_token(params),

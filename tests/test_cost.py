@@ -179,3 +179,10 @@ def test_api_function_survives_the_module_import():
     import hfrecipes.cost  # noqa: F401  (the module of the same name)
 
     assert callable(hfrecipes.cost) and hfrecipes.cost(1e9, 1e9)["training"]["flops"] == 6e18
+
+
+def test_serving_without_a_parameter_count_or_device_is_unknown_not_an_error():
+    from hfrecipes.cost import serving
+
+    assert serving(0, "h100")["tokens_per_second"] is None
+    assert serving(1e9, {"kind": "cuda", "name": "RTX 4090"})["dollars_per_million_tokens"] is None
