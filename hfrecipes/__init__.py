@@ -5,17 +5,34 @@ out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
 print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
-from hfrecipes.api import StageResult, export, generate, parse_stage_args, pretrain, recipes, run_stage
+# `hfrecipes.cost` is the planner function. The module of the same name is imported first, so that loading it later
+# cannot replace the function on the package; code reaches the module with `from hfrecipes.cost import ...`.
+from hfrecipes import cost as _cost_module  # noqa: F401
+from hfrecipes.api import (
+    StageResult,
+    cost,
+    export,
+    generate,
+    parse_stage_args,
+    pretrain,
+    push,
+    read_record,
+    recipes,
+    run_stage,
+)
 from hfrecipes.errors import UsageError
 
 __version__ = "0.1.0"
 __all__ = [
     "StageResult",
     "UsageError",
+    "cost",
     "export",
     "generate",
     "parse_stage_args",
     "pretrain",
+    "push",
+    "read_record",
     "recipes",
     "run_stage",
     "__version__",

@@ -22,16 +22,45 @@ def parse_stage_args(stage: str, recipe: str | Path | None, cli_args: list[str] 
 
 def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None = None, **overrides) -> StageResult:
     """Run one stage from a recipe (a path or a bundled name) with keyword overrides of any recipe key."""
+    from hfrecipes import hub
     from hfrecipes.stages import get_stage
 
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
+    push_to = hub.take_over_push(*args)
     output_dir, rec = get_stage(stage).run(*args, recipe=resolved)
+    if push_to and all(getattr(a, "process_index", 0) == 0 for a in args):
+        hub.push(output_dir, **push_to)
+        rec = read_record(output_dir)
     return StageResult(Path(output_dir), rec)
 
 
 def pretrain(recipe: str | Path = "tiny/pretrain", **overrides) -> StageResult:
     """Pretrain from random weights (or continue pretraining) on raw text."""
     return run_stage("pretrain", recipe, **overrides)
+
+
+def cost(params: float, tokens: float, device: str = "h100", **options) -> dict[str, Any]:
+    """Plan a run before it happens: training FLOPs, device-hours, dollars, energy, CO2, serving cost, break-even.
+
+    Options are those of `hfrecipes.cost.plan` (num_devices, mfu, price_per_hour, daily_tokens, ...).
+    """
+    from hfrecipes.cost import plan
+
+    return plan(params, tokens, device, **options)
+
+
+def push(folder: str | Path, repo_id: str, private: bool | None = None) -> dict[str, Any]:
+    """Upload a finished stage folder to the Hub; the token comes from HF_TOKEN or `hf auth login`."""
+    from hfrecipes.hub import push as push_folder
+
+    return push_folder(folder, repo_id, private=private)
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The stage record (`record.json`) of a stage folder."""
+    from hfrecipes.record import read_record as read
+
+    return read(folder)
 
 
 def recipes() -> list[str]:

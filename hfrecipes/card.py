@@ -1,23 +1,55 @@
 """The model card: `cards/<template>.md` (Jinja) + the stage record, rendered through huggingface_hub's ModelCard.
 
-Every number in the card comes from `record.json` and its parents; nothing is typed in by hand.
+Every number in the card comes from `record.json` and its parents; nothing is typed in by hand. A stage writes
+its card with `write_card(folder, record)` after `record.write_record`, and its trainer subclass takes `OwnsCard`
+first in its bases so Transformers and TRL never write their own README.md over it:
+
+    class SFTTrainer(card.OwnsCard, trl.SFTTrainer): ...
+
+An inference run that measured throughput adds `record["inference"] = {"tokens_per_second": ..., "device": {...}}`
+to the folder's record; the card then shows measured serving cost instead of an estimate.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 from hfrecipes import record as records
+from hfrecipes.cost import break_even, serving
+from hfrecipes.cost import format_dollars as _money
 from hfrecipes.recipe import _resource_dir
+
+PIPELINE_TAGS = {"reward": "text-classification"}
+AUTO_CLASSES = {"reward": "AutoModelForSequenceClassification"}
+TRAINING_TYPES = {"pretrain": "pre-training"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class OwnsCard:
+    """Trainer mixin: README.md is ours, written from the stage record, never Transformers' or TRL's template.
+
+    TRL calls `create_model_card` on every checkpoint save; here it (re)writes our card once the record exists.
+    """
+
+    def create_model_card(self, *args, **kwargs):
+        path = Path(self.args.output_dir)
+        if (path / records.RECORD).is_file() and self.is_world_process_zero():
+            write_card(path, records.read_record(path), plots=False)
 
 
 def cards_root() -> Path:
     return _resource_dir("cards")
 
 
+# ----------------------------------------------------------------------------------------------- formatting
+
+
 def _si(x: float | None, unit: str = "") -> str:
-    if x is None:
+    if not isinstance(x, (int, float)):  # None, or a field the record does not hold (Jinja's Undefined)
         return "n/a"
     for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(x) >= factor:
@@ -35,78 +67,265 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
-def lineage_rows(rec: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, str]]:
-    rows, tot = [], {"tokens": 0, "steps": 0, "wall": 0.0, "device_hours": 0.0, "flops": 0.0}
-    for r in records.lineage(rec):
-        d, c, m = r.get("data", {}), r.get("compute", {}), r.get("metrics", {})
-        names = ", ".join(x["name"] for x in d.get("datasets", [])) or "n/a"
-        rows.append(
-            {
-                "stage": r["stage"],
-                "data": names,
-                "tokens": _si(d.get("tokens_seen")),
-                "steps": m.get("steps", "n/a"),
-                "wall": _duration(c.get("wall_seconds")),
-                "device_hours": f"{c.get('device_hours', 0):.4g}",
-                "flops": _si(c.get("flops_6nd")),
-            }
-        )
-        tot["tokens"] += d.get("tokens_seen") or 0
-        tot["steps"] += m.get("steps") or 0
-        tot["wall"] += c.get("wall_seconds") or 0
-        tot["device_hours"] += c.get("device_hours") or 0
-        tot["flops"] += c.get("flops_6nd") or 0
-    total = {
-        "tokens": _si(tot["tokens"]),
-        "steps": tot["steps"],
-        "wall": _duration(tot["wall"]),
-        "device_hours": f"{tot['device_hours']:.4g}",
-        "flops": _si(tot["flops"]),
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+FORMATS = {"si": _si, "duration": _duration, "money": _money, "num": _num}
+
+
+# --------------------------------------------------------------------------------------------------- lineage
+
+
+def is_hub_id(name: str | None) -> bool:
+    return bool(name) and bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def base_model(rec: dict[str, Any]) -> str | None:
+    """The parent's Hub id (known once the parent was pushed), or the Hub model the first stage started from."""
+    parent = rec.get("parent")
+    if parent:
+        return (parent.get("hub") or {}).get("repo_id")
+    source = (rec.get("model") or {}).get("source")
+    return source if is_hub_id(source) else None
+
+
+def first_base(rec: dict[str, Any]) -> str | None:
+    """The model the lineage started from when it did not start from random weights, e.g. a Hub checkpoint."""
+    first = records.lineage(rec)[0]
+    source = (first.get("model") or {}).get("source") or ""
+    if not source or source.startswith("random init"):
+        return None
+    return source if is_hub_id(source) else Path(source).name  # a local path says nothing on the Hub
+
+
+def _data_name(name: str) -> str:
+    """A Hub id or bundled name as it is; a local file by its file name (its folder means nothing to a reader)."""
+    return Path(name).name if Path(name).expanduser().exists() else name
+
+
+def stage_numbers(r: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one stage, as the record holds them."""
+    d, c, m = r.get("data") or {}, r.get("compute") or {}, r.get("metrics") or {}
+    return {
+        "stage": r["stage"],
+        "run_id": r.get("run_id"),
+        "data": ", ".join(_data_name(str(x["name"])) for x in d.get("datasets", [])) or "n/a",
+        "tokens": d.get("tokens_seen"),
+        "steps": m.get("steps"),
+        "wall_seconds": c.get("wall_seconds"),
+        "device_hours": c.get("device_hours"),
+        "flops": c.get("flops_6nd"),
+        "dollars": c.get("dollars"),
+        "energy_kwh": c.get("energy_kwh"),
+        "co2_kg": c.get("co2_kg"),
+        "knowledge_cutoff": (d.get("knowledge_cutoff") or {}).get("date"),
     }
-    return rows, total
 
 
-def render(rec: dict[str, Any], repo_or_path: str = "path/to/this/folder", template: str = "default"):
+SUMMED = ("tokens", "steps", "wall_seconds", "device_hours", "flops", "dollars", "energy_kwh", "co2_kg")
+
+
+def lineage_numbers(rec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One entry per stage from the first to this one, and their sums (None where no stage recorded a value)."""
+    stages = [stage_numbers(r) for r in records.lineage(rec)]
+    total = {}
+    for key in SUMMED:
+        values = [s[key] for s in stages if s[key] is not None]
+        total[key] = sum(values) if values else None
+    return stages, total
+
+
+def _row(n: dict[str, Any]) -> dict[str, str]:
+    return {
+        "tokens": _si(n["tokens"]),
+        "steps": "n/a" if n["steps"] is None else str(n["steps"]),
+        "wall": _duration(n["wall_seconds"]),
+        "device_hours": _num(n["device_hours"]),
+        "flops": _si(n["flops"]),
+        "dollars": _money(n["dollars"]),
+    }
+
+
+def lineage_rows(rec: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """The lineage table of the card: formatted rows and the total row."""
+    stages, total = lineage_numbers(rec)
+    rows = [
+        {"stage": s["stage"], "data": s["data"], "cutoff": s["knowledge_cutoff"] or "unknown", **_row(s)}
+        for s in stages
+    ]
+    return rows, _row(total)
+
+
+# ------------------------------------------------------------------------------------------------------ plots
+
+
+def write_plots(folder: str | Path) -> list[dict[str, str]]:
+    """PNG plots from `metrics.jsonl`: loss (train and eval), and reward where the stage logged one."""
+    folder = Path(folder)
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    logs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    groups = {
+        "loss": ("loss", lambda k: k in ("loss", "eval_loss")),
+        "reward": ("reward", lambda k: "reward" in k and not k.endswith(("_std", "/std"))),
+    }
+    written = []
+    for name, (title, wanted) in groups.items():
+        series: dict[str, list[tuple[float, float]]] = {}
+        for log in logs:
+            for key, value in log.items():
+                if wanted(key) and isinstance(value, (int, float)) and "step" in log:
+                    series.setdefault(key, []).append((log["step"], value))
+        if not series:
+            continue
+        filename = f"{name}.png"
+        records.atomic_write_bytes(folder / filename, _plot(series, title))
+        written.append({"title": title, "file": filename})
+    return written
+
+
+def _plot(series: dict[str, list[tuple[float, float]]], title: str) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="." if len(points) < 30 else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def existing_plots(folder: str | Path) -> list[dict[str, str]]:
+    return [{"title": n, "file": f"{n}.png"} for n in ("loss", "reward") if (Path(folder) / f"{n}.png").is_file()]
+
+
+# ----------------------------------------------------------------------------------------------------- render
+
+
+def card_data(rec: dict[str, Any], stages: list[dict[str, Any]], total: dict[str, Any]):
+    """The front matter: Hub metadata, plus an `hfrecipes` block with the exact numbers of every stage."""
+    from huggingface_hub import ModelCardData
+
+    chain = records.lineage(rec)
+    compute, data = rec.get("compute") or {}, rec.get("data") or {}
+    datasets = [
+        d["name"] for r in chain for d in (r.get("data") or {}).get("datasets", []) if is_hub_id(str(d["name"]))
+    ]
+    base = base_model(rec)
+    adapter = (rec.get("model") or {}).get("adapter")
+    license_ = next(
+        (lic for r in chain[::-1] if (lic := (r.get("recipe") or {}).get("values", {}).get("license"))), None
+    )
+    co2 = None
+    if compute.get("co2_kg") is not None:
+        device = compute.get("device") or {}
+        co2 = {
+            "emissions": float(f"{compute['co2_kg'] * 1000:.6g}"),  # grams, as the Hub expects
+            "source": f"hfrecipes ({compute.get('co2_source')})",
+            "training_type": TRAINING_TYPES.get(rec["stage"], "fine-tuning"),
+            "hardware_used": f"{device.get('count', 1)} x {device.get('name') or device.get('kind')}",
+        }
+    cutoff = data.get("model_cutoff") or {}
+    return ModelCardData(
+        library_name="peft" if adapter else "transformers",
+        pipeline_tag=PIPELINE_TAGS.get(rec["stage"], "text-generation"),
+        tags=["hfrecipes", rec["stage"]],
+        license=license_,
+        base_model=base,
+        base_model_relation=("adapter" if adapter else "finetune") if base else None,
+        datasets=list(dict.fromkeys(datasets)) or None,
+        co2_eq_emissions=co2,
+        hfrecipes={
+            "stage": rec["stage"],
+            "run_id": rec.get("run_id"),
+            "knowledge_cutoff": cutoff.get("date"),
+            "knowledge_cutoff_source": cutoff.get("source", "unknown"),
+            "lineage": stages,
+            "total": total,
+        },
+    )
+
+
+def render(
+    rec: dict[str, Any],
+    repo_or_path: str = "path/to/this/folder",
+    template: str = "default",
+    plots: list[dict[str, str]] | None = None,
+):
     """The card as a `huggingface_hub.ModelCard`."""
     import yaml
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
-    parent = rec.get("parent") or {}
-    datasets = [d["name"] for d in rec.get("data", {}).get("datasets", []) if not d["name"].startswith("tiny:")]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=["hfrecipes", f"hfrecipes-{rec['stage']}"],
-        datasets=datasets or None,
-        base_model=(parent.get("recipe") or {}).get("hub_id") if parent else None,
+    stages, total = lineage_numbers(rec)
+    rows, total_row = lineage_rows(rec)
+    model, compute, data = rec.get("model") or {}, rec.get("compute") or {}, rec.get("data") or {}
+    params = model.get("params_total")
+    repo = (rec.get("hub") or {}).get("repo_id") or repo_or_path
+
+    cutoff = data.get("model_cutoff") or {"date": None, "source": "unknown", "detail": "not recorded"}
+    base = first_base(rec)
+    if base and cutoff.get("date"):
+        note = f"; the starting model '{base}' has no hfrecipes record, so this date is only a lower bound"
+        cutoff = {**cutoff, "detail": cutoff.get("detail", "") + note}
+
+    inference = rec.get("inference") or {}
+    serve = serving(
+        params or 0,
+        inference.get("device") or compute.get("cost_device") or compute.get("device"),
+        inference.get("tokens_per_second"),
+        inference.get("price_per_hour", compute.get("price_per_hour") if not inference.get("device") else None),
     )
-    rows, total = lineage_rows(rec)
-    params = rec.get("model", {}).get("params_total")
-    cutoff = rec.get("data", {}).get("model_cutoff") or {"date": None, "source": "unknown", "detail": "not recorded"}
+    even = break_even(total["dollars"] or 0.0, serve["dollars_per_million_tokens"])
+    flops_even = total["flops"] / serve["flops_per_token"] if total["flops"] and params else None
+
     versions = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
+    values = dict((rec.get("recipe") or {}).get("values", {}))
     summary = (
-        f"A {rec['model'].get('model_type', '')} model of {_si(params)} parameters after the **{rec['stage']}** "
-        f"stage ({len(rows)} stage(s) in its lineage)."
+        f"A {model.get('model_type') or ''} model of {_si(params)} parameters after the **{rec['stage']}** stage "
+        f"({len(rows)} stage(s) in its lineage), trained with [hfrecipes](https://pypi.org/project/hfrecipes/)."
     )
     return ModelCard.from_template(
-        card_data,
+        card_data(rec, stages, total),
         template_path=str(cards_root() / f"{template}.md"),
-        model_name=Path(repo_or_path).name,
+        model_name=Path(repo).name,
         summary=summary,
+        stage=rec["stage"],
         cutoff=cutoff,
+        base=base,
         lineage=rows,
-        total=total,
-        params=_si(params),
-        trainer_flops=_si(rec.get("compute", {}).get("flops_trainer")),
-        inference_flops=_si(2 * params if params else None),
-        metrics=rec.get("metrics", {}),
-        repo_or_path=repo_or_path,
-        recipe_yaml=yaml.safe_dump((rec.get("recipe") or {}).get("values", {}), sort_keys=False),
+        total=total_row,
+        params=params,
+        compute=compute,
+        lineage_total=total,
+        serve=serve,
+        break_even=even,
+        flops_break_even=flops_even,
+        metrics=rec.get("metrics") or {},
+        adapter=model.get("adapter"),
+        auto_class=AUTO_CLASSES.get(rec["stage"], "AutoModelForCausalLM"),
+        repo=repo,
+        plots=plots if plots is not None else [],
+        recipe_yaml=yaml.safe_dump(values, sort_keys=False) if values else "{}\n",
         versions=versions,
+        **FORMATS,
     )
 
 
-def write_card(folder: str | Path, rec: dict[str, Any]) -> Path:
-    path = Path(folder) / "README.md"
-    records.atomic_write_text(path, str(render(rec, str(folder))))
+def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True) -> Path:
+    """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder."""
+    folder = Path(folder)
+    written = write_plots(folder) if plots else existing_plots(folder)
+    path = folder / "README.md"
+    records.atomic_write_text(path, str(render(rec, str(folder), plots=written)))
     return path

@@ -3,6 +3,8 @@
 hfrecipes recipes
 hfrecipes check tiny/pretrain
 hfrecipes pretrain --config tiny/pretrain --max_steps 50
+hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
+hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch_size", type=int, default=32, help="prompts per batch (transformers)")
     gen.add_argument("--price_per_hour", type=float, help="device price in $/h, for $ per million tokens")
+    cost = sub.add_parser("cost", help="plan a run: training FLOPs, device-hours, dollars, serving cost, break-even")
+    cost.add_argument("--params", type=float, required=True, help="parameters N, e.g. 7e9")
+    cost.add_argument("--tokens", type=float, required=True, help="training tokens D, e.g. 2e12")
+    cost.add_argument("--device", default="h100", help="row of the device table (h100, a100, l4, cpu, ...)")
+    cost.add_argument("--num-devices", type=int, default=1, help="devices training in parallel (wall time)")
+    cost.add_argument("--mfu", type=float, default=None, help="training utilisation of peak FLOP/s (default 0.4)")
+    cost.add_argument("--price", type=float, default=None, help="USD per device-hour (default: the table's)")
+    cost.add_argument("--power", type=float, default=None, help="watts per device (default: the table's)")
+    cost.add_argument("--pue", type=float, default=None, help="data-centre PUE (default 1.2)")
+    cost.add_argument("--grid", type=float, default=None, help="grid intensity in gCO2/kWh (default 475)")
+    cost.add_argument("--n-layers", type=int, default=None, help="with --seq-len and --d-model: add attention FLOPs")
+    cost.add_argument("--seq-len", type=int, default=None, help="training sequence length (attention term)")
+    cost.add_argument("--d-model", type=int, default=None, help="hidden size (attention term)")
+    cost.add_argument("--serve-mfu", type=float, default=None, help="serving utilisation of peak (default 0.2)")
+    cost.add_argument("--serve-tokens-per-second", type=float, default=None, help="measured serving throughput")
+    cost.add_argument("--daily-tokens", type=float, default=None, help="generated tokens a day (break-even days)")
+    cost.add_argument("--json", action="store_true", help="print the plan as JSON")
+    push = sub.add_parser("push", help="upload a finished stage folder to the Hugging Face Hub")
+    push.add_argument("folder", metavar="STAGE_DIR", help="a finished stage folder")
+    push.add_argument("--repo-id", required=True, help="the model repo, e.g. me/tiny-sft")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
     for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
@@ -77,6 +100,21 @@ def _check(names: list[str], stage: str | None) -> None:
         print(f"ok  {st:<9} {path if not str(path).startswith(str(recipes_root())) else name}")
 
 
+def _cost(args: argparse.Namespace) -> None:
+    import json
+
+    from hfrecipes.cost import format_plan, plan
+
+    names = {"price": "price_per_hour", "power": "power_watts", "grid": "grid_gco2_per_kwh"}
+    options = {
+        names.get(k, k): v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("command", "debug", "params", "tokens", "device", "json")
+    }
+    result = plan(args.params, args.tokens, args.device, **options)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -94,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_recipes()))
             return 0
-        if args.command in ("check", "export", "generate") and rest:
+        if args.command in ("check", "export", "generate", "cost", "push") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
         if args.command == "export":
             from hfrecipes.api import export
@@ -135,9 +173,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if args.command == "check":
-            if rest:
-                raise UsageError(f"unknown argument(s) for 'check': {' '.join(rest)}")
             _check(args.recipes, args.stage)
+            return 0
+        if args.command == "cost":
+            _cost(args)
+            return 0
+        if args.command == "push":
+            from hfrecipes.api import push
+
+            result = push(args.folder, args.repo_id, private=args.private)
+            state = "new commit" if result["changed"] else "unchanged, no new commit"
+            print(f"pushed {args.folder} to {result['repo_id']} ({state}): {result['url']}")
             return 0
         if args.help:
             from hfrecipes.recipe import _strict_parser

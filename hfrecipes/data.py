@@ -44,7 +44,10 @@ class ScriptArguments(trl.ScriptArguments):
     )
     dataset_date_column: str | None = field(
         default="date",
-        metadata={"help": "Column holding each document's date; its newest value is the knowledge cutoff."},
+        metadata={
+            "help": "Column(s) holding each document's date, comma-separated (e.g. 'date,published'); the "
+            "newest date in them is the knowledge cutoff."
+        },
     )
     knowledge_cutoff: str | None = field(
         default=None,
@@ -61,6 +64,25 @@ class ScriptArguments(trl.ScriptArguments):
         },
     )
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the embedded tiny data (`tiny:` datasets)."})
+
+    # Cost and card (defaults: the device table in hfrecipes/cost.py)
+    cost_device: str | None = field(
+        default=None,
+        metadata={"help": "Device row of the cost table (h100, a100, l4, cpu, ...); default: the device detected."},
+    )
+    device_price_per_hour: float | None = field(
+        default=None, metadata={"help": "Price of one device-hour in USD; default: the cost table's."}
+    )
+    device_power_watts: float | None = field(
+        default=None, metadata={"help": "Power draw of one device in watts; default: the cost table's."}
+    )
+    pue: float | None = field(default=None, metadata={"help": "Data-centre power usage effectiveness; default 1.2."})
+    grid_gco2_per_kwh: float | None = field(
+        default=None, metadata={"help": "Grid carbon intensity in gCO2/kWh; default 475 (world average)."}
+    )
+    license: str | None = field(
+        default=None, metadata={"help": "License in the model card (a Hub license id); default: the parent's."}
+    )
 
     def __post_init__(self):
         if self.dataset_test_split == "":
@@ -81,6 +103,11 @@ class ScriptArguments(trl.ScriptArguments):
                     f"knowledge_cutoff must be a date YYYY-MM-DD, got {self.knowledge_cutoff!r}"
                 ) from None
             self.knowledge_cutoff = str(self.knowledge_cutoff)
+        if self.cost_device is not None:
+            from hfrecipes.cost import DEVICES, device_key
+
+            if device_key(self.cost_device) is None:
+                raise ValueError(f"cost_device must be one of {', '.join(DEVICES)}, got {self.cost_device!r}")
         if self.dataset_name is None:
             raise ValueError(
                 "dataset_name is required: a bundled `tiny:` dataset, a local file or folder, or a Hub id"
@@ -253,17 +280,20 @@ def _as_date(value) -> dt.date | None:
 
 def knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | None) -> dict[str, Any]:
     """The newest document date in the training data, or the recipe's declared date; and which of the two."""
-    newest, count = None, 0
-    if date_column:
-        for ds in datasets_:
-            if ds is None or date_column not in ds.column_names:
+    newest, count, used = None, 0, []
+    columns = [c.strip() for c in (date_column or "").split(",") if c.strip()]
+    for ds in datasets_:
+        for column in columns:
+            if ds is None or column not in ds.column_names:
                 continue
-            for value in ds[date_column]:
+            used.append(column)
+            for value in ds[column]:
                 d = _as_date(value)
                 if d is not None:
                     count += 1
                     newest = d if newest is None or d > newest else newest
     data_date = newest.isoformat() if newest else None
+    names = ", ".join(f"'{c}'" for c in dict.fromkeys(used or columns))
     if declared:
         detail = "declared in the recipe (knowledge_cutoff)"
         if data_date:
@@ -274,9 +304,9 @@ def knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | N
             "date": data_date,
             "source": "data",
             "data_date": data_date,
-            "detail": f"newest value of column '{date_column}' over {count} dated documents",
+            "detail": f"newest value of column {names} over {count} dated documents",
         }
-    why = f"the data has no dated '{date_column}' column" if date_column else "no date column is configured"
+    why = f"the data has no dated column {names}" if columns else "no date column is configured"
     return {
         "date": None,
         "source": "unknown",

@@ -227,7 +227,10 @@ def export(
             "merged_adapter": _is_adapter(stage_dir),
         }
         rec["data"] = {"knowledge_cutoff": None, "model_cutoff": (parent or {}).get("data", {}).get("model_cutoff")}
-        rec["compute"] = {"wall_seconds": round(time.perf_counter() - start, 3), "device_hours": 0.0}
+        # export trains nothing: no FLOPs of 6·N·D, only the wall time of merging and writing
+        rec["compute"] = record.compute_summary(
+            rec["model"]["params_total"], 0, 0.0, time.perf_counter() - start, record.device_info(1)
+        )
         rec["metrics"] = dict((parent or {}).get("metrics", {}))
         rec["export"] = {"dtype": dtype, "generation": settings}
         if verify_load:

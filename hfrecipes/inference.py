@@ -163,9 +163,11 @@ def generate(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every prompt; returns (rows, stats). Rows: prompt, completions (text), completion token counts.
     Stats: engine, prompts, generated tokens, wall seconds, tokens/s, inference FLOPs (2·N per token) and, given a
-    price per device-hour, dollars per million generated tokens. With `record_stats`, the stats are added to the
-    model folder's record (`serving`) so its card can show measured serving cost."""
+    price per device-hour (default: the cost table's for this device), dollars per million generated tokens. With
+    `record_stats`, the stats are added to the model folder's record (`inference`) and its card re-rendered, so the
+    card shows measured serving cost."""
     from hfrecipes import record as records
+    from hfrecipes.cost import serving
     from hfrecipes.record import device_info
 
     model_dir = Path(model_dir)
@@ -200,6 +202,8 @@ def generate(
     generated = sum(sum(r["completion_tokens"]) for r in rows)
     params = _param_count(model_dir)
     tps = generated / wall if wall > 0 else None
+    device = device_info(1)
+    serve = serving(params, device, tps, price_per_hour)  # price: the argument, else the device table's
     stats = {
         "engine": "vllm" if use_vllm else "transformers",
         "prompts": len(prompts),
@@ -210,9 +214,9 @@ def generate(
         "params": params,
         "inference_flops": 2.0 * params * generated,
         "flops_per_token": 2.0 * params,
-        "device": device_info(1),
-        "price_per_hour": price_per_hour,
-        "dollars_per_million_tokens": (price_per_hour / (tps * 3600) * 1e6) if price_per_hour and tps else None,
+        "device": device,
+        "price_per_hour": serve["price_per_hour"],
+        "dollars_per_million_tokens": serve["dollars_per_million_tokens"],
         "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
     }
     if out is not None:
@@ -222,7 +226,7 @@ def generate(
     if record_stats:
         rec = records.read_record(model_dir)
         if rec is not None:
-            rec["serving"] = stats
+            rec["inference"] = stats
             records.write_record(model_dir, rec)
             from hfrecipes import card
 

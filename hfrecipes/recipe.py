@@ -232,6 +232,11 @@ def parse(
         if arg.startswith("--") and name in known:
             cli_set[name] = getattr(namespace, name)
     values.update(cli_set)
+    if values.get("hub_token"):
+        raise UsageError(
+            f"{source}: hub_token is not read from recipes, overrides or flags: the run would save it (record.json, "
+            "training_args.bin). Set the HF_TOKEN environment variable or run `hf auth login` instead."
+        )
 
     outputs = []
     ns = vars(namespace)

@@ -27,7 +27,7 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: a kill leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,14 +36,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
@@ -173,17 +177,30 @@ def model_summary(model, source: str, dtype: str | None = None) -> dict[str, Any
 
 
 def compute_summary(
-    params: int, tokens: int, trainer_flos: float, wall_seconds: float, device: dict[str, Any]
+    params: int,
+    tokens: int,
+    trainer_flos: float,
+    wall_seconds: float,
+    device: dict[str, Any],
+    *,
+    script_args: Any = None,
+    measured_co2_kg: float | None = None,
 ) -> dict[str, Any]:
-    """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings)."""
+    """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings), then
+    price, dollars, energy, CO2 and MFU from `cost.py` (the recipe's overrides in `script_args`, else the table's).
+    """
+    from hfrecipes.cost import stage_costs
+
     hours = wall_seconds / 3600 * device["count"]
+    flops = 6.0 * params * tokens
     return {
-        "flops_6nd": 6.0 * params * tokens,
+        "flops_6nd": flops,
         "flops_trainer": float(trainer_flos),
         "wall_seconds": round(wall_seconds, 3),
         "device": device,
         "device_hours": hours,
         "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else None,
+        **stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg),
     }
 
 

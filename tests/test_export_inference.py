@@ -188,7 +188,8 @@ def test_generate_transformers_batched_equals_one_by_one(tiny_pretrained, tmp_pa
     assert stats["tokens_per_second"] > 0 and stats["dollars_per_million_tokens"] > 0
     written = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [w["completions"] for w in written] == [r["completions"] for r in batched]
-    assert record.read_record(exp)["serving"]["generated_tokens"] == stats["generated_tokens"]
+    assert record.read_record(exp)["inference"]["generated_tokens"] == stats["generated_tokens"]
+    assert "measured" in (exp / "README.md").read_text()
     assert _digest(exp / "model.safetensors") == weights  # inference never changes weights
 
 

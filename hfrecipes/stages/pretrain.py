@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import Trainer, TrainingArguments
 
 from hfrecipes import card, data, modeling, record
+from hfrecipes.cost import measured_emissions
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -72,13 +73,8 @@ class PretrainConfig(TrainingArguments):
 DATACLASSES = (ScriptArguments, PretrainConfig, ModelConfig)
 
 
-class PretrainTrainer(Trainer):
+class PretrainTrainer(card.OwnsCard, Trainer):
     """`transformers.Trainer` that owns the model card (ours is written from the stage record, not Trainer's)."""
-
-    def create_model_card(self, *args, **kwargs):
-        path = Path(self.args.output_dir)
-        if (path / record.RECORD).is_file() and self.is_world_process_zero():
-            card.write_card(path, record.read_record(path))
 
 
 def pack(dataset, tokenizer, text_field: str, block_size: int):
@@ -171,7 +167,8 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         callbacks=[record.metrics_callback(output_dir)],
     )
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with measured_emissions(output_dir, enabled=trainer.is_world_process_zero()) as co2:
+        result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
     eval_metrics = trainer.evaluate() if eval_ds is not None and len(eval_ds) > 0 else {}
 
@@ -206,6 +203,8 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
             trainer.state.total_flos,
             wall,
             record.device_info(training_args.world_size),
+            script_args=script_args,
+            measured_co2_kg=co2.kg,
         )
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         rec["metrics"] = {

@@ -1,0 +1,244 @@
+"""The model card of a real tiny lineage: numbers equal the records, totals add up, the cutoff moves with newer data.
+
+pytest tests/test_card.py -q
+"""
+
+import copy
+import json
+import re
+
+import pytest
+
+import hfrecipes
+from hfrecipes import card, data, record
+
+STEPS = 4
+COMMON = {
+    "max_steps": STEPS,
+    "block_size": 64,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def _corpus(path, date, n=60):
+    words = "the cat sat on a mat and then ran to see the dog who lived by the river in town".split()
+    with path.open("w") as f:
+        for i in range(n):
+            text = " ".join(words[(i + j) % len(words)] for j in range(40))
+            f.write(json.dumps({"text": f"{text} {i}.", "published": date}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """Three pretraining stages: the bundled corpus, then newer dated text, then older dated text."""
+    root = tmp_path_factory.mktemp("lineage")
+    first = hfrecipes.pretrain(
+        "tiny/pretrain", output_dir=str(root / "s1"), max_train_samples=600, license="apache-2.0", **COMMON
+    )
+    newer = hfrecipes.pretrain(
+        "tiny/pretrain",
+        output_dir=str(root / "s2"),
+        model_name_or_path=str(first.output_dir),
+        train_tokenizer=False,
+        dataset_name=_corpus(root / "newer.jsonl", "2025-03-01"),
+        dataset_date_column="date,published",
+        cost_device="h100",
+        device_price_per_hour=2.0,
+        pue=1.1,
+        grid_gco2_per_kwh=100.0,
+        **COMMON,
+    )
+    older = hfrecipes.pretrain(
+        "tiny/pretrain",
+        output_dir=str(root / "s3"),
+        model_name_or_path=str(newer.output_dir),
+        train_tokenizer=False,
+        dataset_name=_corpus(root / "older.jsonl", "2021-01-01"),
+        dataset_date_column="published",
+        **COMMON,
+    )
+    return [first, newer, older]
+
+
+def _table(text, header):
+    """Rows of the markdown table whose header starts with `header`, as lists of cells."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_front_matter_parses_and_holds_the_records_numbers(lineage):
+    from huggingface_hub import ModelCard
+
+    last = lineage[-1]
+    meta = ModelCard.load(last.output_dir / "README.md").data.to_dict()
+    assert meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "text-generation"
+    assert meta["tags"] == ["hfrecipes", "pretrain"]
+    assert meta["license"] == "apache-2.0"  # declared by the first stage, inherited by the later ones
+    assert "base_model" not in meta  # the parent is a local folder that was never pushed
+    chain = record.lineage(last.record)
+    assert [s["run_id"] for s in meta["hfrecipes"]["lineage"]] == [r["run_id"] for r in chain]
+    for numbers, rec in zip(meta["hfrecipes"]["lineage"], chain, strict=True):
+        c = rec["compute"]
+        assert numbers["tokens"] == rec["data"]["tokens_seen"]
+        assert numbers["steps"] == rec["metrics"]["steps"] == STEPS
+        assert numbers["flops"] == c["flops_6nd"] == 6 * rec["model"]["params_total"] * rec["data"]["tokens_seen"]
+        for key in ("wall_seconds", "device_hours", "dollars", "energy_kwh", "co2_kg"):
+            assert numbers[key] == c[key]
+    total = meta["hfrecipes"]["total"]
+    for key in ("tokens", "steps", "flops", "device_hours", "dollars", "energy_kwh", "co2_kg"):
+        assert total[key] == pytest.approx(sum(s[key] for s in meta["hfrecipes"]["lineage"]), rel=1e-12)
+    co2 = meta["co2_eq_emissions"]
+    assert co2["emissions"] == pytest.approx(last.record["compute"]["co2_kg"] * 1000, rel=1e-5)
+    assert co2["training_type"] == "pre-training"
+
+
+def test_lineage_table_equals_the_records_and_totals_add_up(lineage):
+    last = lineage[-1]
+    text = (last.output_dir / "README.md").read_text()
+    rows = _table(text, "| stage | data |")
+    chain = record.lineage(last.record)
+    assert len(rows) == len(chain) + 1
+    sums = dict.fromkeys(("tokens", "steps", "wall", "hours", "flops", "dollars"), 0)
+    for row, rec in zip(rows[:-1], chain, strict=True):
+        c, tokens = rec["compute"], rec["data"]["tokens_seen"]
+        assert row[0] == "pretrain"
+        assert row[3:] == [
+            card._si(tokens),
+            str(rec["metrics"]["steps"]),
+            card._duration(c["wall_seconds"]),
+            card._num(c["device_hours"]),
+            card._si(c["flops_6nd"]),
+            card._money(c["dollars"]),
+        ]
+        values = (tokens, STEPS, c["wall_seconds"], c["device_hours"], c["flops_6nd"], c["dollars"])
+        for key, value in zip(sums, values, strict=True):
+            sums[key] += value
+    assert rows[-1][0] == "total"
+    assert rows[-1][3:] == [
+        card._si(sums["tokens"]),
+        str(sums["steps"]),
+        card._duration(sums["wall"]),
+        card._num(sums["hours"]),
+        card._si(sums["flops"]),
+        card._money(sums["dollars"]),
+    ]
+    assert sums["steps"] == 3 * STEPS
+
+
+def test_recipe_prices_reach_the_record(lineage):
+    c = lineage[1].record["compute"]
+    assert (c["cost_device"], c["price_per_hour"], c["price_source"], c["power_watts"]) == ("h100", 2.0, "recipe", 700)
+    assert c["dollars"] == pytest.approx(c["device_hours"] * 2.0)
+    assert c["energy_kwh"] == pytest.approx(c["device_hours"] * 0.7 * 1.1)
+    assert c["co2_kg"] == pytest.approx(c["energy_kwh"] * 0.1)
+    first = lineage[0].record["compute"]
+    assert (first["cost_device"], first["price_source"]) == ("cpu", "default for cpu")
+
+
+def test_cutoff_moves_with_newer_data_and_not_with_older(lineage):
+    first, newer, older = (r.record["data"] for r in lineage)
+    assert first["model_cutoff"]["source"] == "data" and first["model_cutoff"]["date"] <= "2024-06-30"
+    assert newer["knowledge_cutoff"]["date"] == newer["model_cutoff"]["date"] == "2025-03-01"
+    assert "'published'" in newer["knowledge_cutoff"]["detail"]
+    assert older["knowledge_cutoff"]["date"] == "2021-01-01"
+    assert older["model_cutoff"]["date"] == "2025-03-01"  # knows what its parent knew
+    text = (lineage[-1].output_dir / "README.md").read_text()
+    assert "**2025-03-01**" in text
+    cutoffs = [row[2] for row in _table(text, "| stage | data |")[:-1]]
+    assert cutoffs == [first["knowledge_cutoff"]["date"], "2025-03-01", "2021-01-01"]
+
+
+def test_card_sections_and_plots(lineage):
+    folder = lineage[-1].output_dir
+    text = (folder / "README.md").read_text()
+    for heading in ("## Knowledge cutoff", "## Lineage and training cost", "## Serving cost", "## Evaluation results"):
+        assert heading in text
+    assert "## Usage" in text and "from vllm import LLM" in text and "AutoModelForCausalLM" in text
+    assert "## Recipe" in text and "dataset_date_column: published" in text
+    assert "![loss](loss.png)" in text
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    serve = _table(text, "| | |")
+    params = lineage[-1].record["model"]["params_total"]
+    assert serve[0][1] == card._si(2 * params)
+
+
+def test_unknown_cutoff_says_why():
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}])
+    cut = data.knowledge_cutoff([ds], "date", None)
+    assert cut["date"] is None and cut["source"] == "unknown"
+    assert "no dated column 'date'" in cut["detail"] and "knowledge_cutoff" in cut["detail"]
+    declared = data.knowledge_cutoff([ds], "date", "2023-12-31")
+    assert (declared["date"], declared["source"]) == ("2023-12-31", "declared")
+    rec = _synthetic(cut)
+    text = str(card.render(rec))
+    assert "**unknown**" in text and cut["detail"] in text
+
+
+def _synthetic(cutoff=None, **over):
+    rec = record.new_record("sft", {"path": None, "values": {}}, None)
+    rec.update(
+        status="complete",
+        model={"model_type": "llama", "params_total": 1000, "source": "HuggingFaceTB/SmolLM2-135M", "adapter": None},
+        data={"datasets": [{"name": "trl-lib/Capybara"}], "tokens_seen": 10, "model_cutoff": cutoff},
+        compute=record.compute_summary(1000, 10, 0.0, 36.0, {"kind": "cpu", "name": "x86_64", "count": 1}),
+        metrics={"steps": 1},
+    )
+    rec.update(over)
+    return rec
+
+
+def test_base_model_and_relation():
+    from huggingface_hub import ModelCard
+
+    rec = _synthetic()
+    meta = ModelCard(str(card.render(rec))).data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert meta["base_model_relation"] == "finetune"
+    assert meta["datasets"] == ["trl-lib/Capybara"]
+    child = _synthetic(parent=copy.deepcopy(rec))
+    child["parent"]["hub"] = {"repo_id": "me/sft"}
+    child["model"] = {**child["model"], "adapter": {"r": 8}}
+    meta = ModelCard(str(card.render(child))).data.to_dict()
+    assert (meta["base_model"], meta["base_model_relation"], meta["library_name"]) == ("me/sft", "adapter", "peft")
+    text = str(card.render(child))
+    assert "Started from **HuggingFaceTB/SmolLM2-135M**" in text and "AutoPeftModelForCausalLM" in text
+
+
+def test_measured_serving_cost_replaces_the_estimate():
+    rec = _synthetic(inference={"tokens_per_second": 1000.0, "device": {"kind": "cuda", "name": "NVIDIA L4"}})
+    text = str(card.render(rec))
+    per_million = 0.80 / (1000.0 * 3600) * 1e6
+    row = next(r for r in _table(text, "| | |") if r[0].startswith("dollars per 1M"))
+    assert row[1] == card._money(per_million)
+    assert "tokens/s per device (measured)" in text
+
+
+def test_trainer_never_writes_its_own_card(tmp_path):
+    class Args:
+        output_dir = str(tmp_path)
+
+    class Fake(card.OwnsCard):
+        args = Args()
+
+        def is_world_process_zero(self):
+            return True
+
+    Fake().create_model_card(model_name="x")  # no record yet: nothing written
+    assert not (tmp_path / "README.md").exists()
+    record.write_record(tmp_path, _synthetic())
+    Fake().create_model_card()
+    assert "hfrecipes" in (tmp_path / "README.md").read_text()
+    assert re.search(r"^library_name: transformers$", (tmp_path / "README.md").read_text(), re.M)
