@@ -322,10 +322,11 @@ def render(
     )
 
 
-def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True) -> Path:
-    """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder."""
+def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name: str | Path | None = None) -> Path:
+    """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder. `name` is the path
+    the card calls the model by, when the folder is written under a temporary name first."""
     folder = Path(folder)
     written = write_plots(folder) if plots else existing_plots(folder)
     path = folder / "README.md"
-    records.atomic_write_text(path, str(render(rec, str(folder), plots=written)))
+    records.atomic_write_text(path, str(render(rec, str(name or folder), plots=written)))
     return path

@@ -231,7 +231,9 @@ def export(
         rec["compute"] = record.compute_summary(
             rec["model"]["params_total"], 0, 0.0, time.perf_counter() - start, record.device_info(1)
         )
-        rec["metrics"] = dict((parent or {}).get("metrics", {}))
+        # the parent's evaluation results carry over (same weights); its training counters do not
+        training_only = ("steps", "train_loss", "first_logged_loss", "last_logged_loss")
+        rec["metrics"] = {k: v for k, v in ((parent or {}).get("metrics") or {}).items() if k not in training_only}
         rec["export"] = {"dtype": dtype, "generation": settings}
         if verify_load:
             rec["export"]["verify"] = verify(tmp, use_vllm)
@@ -245,7 +247,7 @@ def export(
         rec["status"] = "complete"
         rec["finished"] = record.now()
         record.write_record(tmp, rec)
-        card.write_card(tmp, rec)
+        card.write_card(tmp, rec, name=out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -63,7 +63,11 @@ def test_export_full_stage(tiny_pretrained, tmp_path):
     rec = record.read_record(d)
     assert rec["stage"] == "export" and rec["parent"]["run_id"] == tiny_pretrained.record["run_id"]
     assert rec["export"]["verify"]["transformers_loads"] is True
-    assert (d / "README.md").is_file()
+    card_text = (d / "README.md").read_text()
+    assert str(d) in card_text and ".tmp" not in card_text
+    assert (
+        "steps" not in rec["metrics"] and rec["metrics"]["eval_loss"] == tiny_pretrained.record["metrics"]["eval_loss"]
+    )
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".exp.tmp")]
 
 
