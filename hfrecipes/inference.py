@@ -65,27 +65,33 @@ def read_prompts(path: str | Path) -> list[Any]:
     return prompts
 
 
-def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed, batch_size):
+def generate_ids(
+    model,
+    tok,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    batch_size: int = 32,
+    desc: str | None = "generate (transformers)",
+) -> list[list[list[int]]]:
+    """Completion token ids (EOS kept, padding dropped) per prompt and sample: batched, left-padded, KV cache."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfrecipes.exporting import prompt_ids
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    ids = prompt_ids(tok, prompts)
-    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
     outputs: list[list[list[int]]] = []
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(ids), batch_size), desc="generate (transformers)", unit="batch"):
+    for i in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=desc is None):
         chunk = ids[i : i + batch_size]
         width = max(len(x) for x in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)  # left padding
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
         with torch.no_grad():
             gen = model.generate(
                 input_ids=input_ids,
@@ -101,6 +107,22 @@ def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_token
         gen = gen[:, width:].tolist()
         for j in range(len(chunk)):
             outputs.append([_until_eos(g, eos) for g in gen[j * n : (j + 1) * n]])
+    model.train(was_training)
+    return outputs
+
+
+def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed, batch_size):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfrecipes.exporting import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    ids = prompt_ids(tok, prompts)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    outputs = generate_ids(model, tok, ids, max_new_tokens, temperature, top_p, n, batch_size)
     wall = time.perf_counter() - start
     return tok, model, outputs, wall
 

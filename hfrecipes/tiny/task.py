@@ -82,7 +82,12 @@ def preference_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
 
 
 def prompt_rows(pairs: list[tuple[int, int]]) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": question(a, b)}], "answer": str(a + b)} for a, b in pairs]
+    """RL prompts: `answer` is the sum (lenient checks), `solution` the whole expected reply (strict exact match,
+    which stops a policy from miscopying the operands while getting the sum right)."""
+    return [
+        {"prompt": [{"role": "user", "content": question(a, b)}], "answer": str(a + b), "solution": answer(a, b)}
+        for a, b in pairs
+    ]
 
 
 def is_correct(completion: str, a: int, b: int) -> bool:
