@@ -110,3 +110,12 @@ def write_card(folder: str | Path, rec: dict[str, Any]) -> Path:
     path = Path(folder) / "README.md"
     records.atomic_write_text(path, str(render(rec, str(folder))))
     return path
+
+
+class RecordCardMixin:
+    """Trainer mixin: the card comes from the stage record, not from the trainer's own template on every save."""
+
+    def create_model_card(self, *args, **kwargs):
+        path = Path(self.args.output_dir)
+        if (path / records.RECORD).is_file() and self.is_world_process_zero():
+            write_card(path, records.read_record(path))
