@@ -5,8 +5,19 @@ out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
 print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
-from hfrecipes.api import StageResult, parse_stage_args, pretrain, recipes, run_stage
+from hfrecipes.api import StageResult, dpo, parse_stage_args, pretrain, recipes, reward, run_stage, sft
 from hfrecipes.errors import UsageError
 
 __version__ = "0.1.0"
-__all__ = ["StageResult", "UsageError", "parse_stage_args", "pretrain", "recipes", "run_stage", "__version__"]
+__all__ = [
+    "StageResult",
+    "UsageError",
+    "dpo",
+    "parse_stage_args",
+    "pretrain",
+    "recipes",
+    "reward",
+    "run_stage",
+    "sft",
+    "__version__",
+]
