@@ -11,6 +11,7 @@ from hfrecipes import cost as _cost_module  # noqa: F401
 from hfrecipes.api import (
     StageResult,
     cost,
+    dpo,
     export,
     generate,
     parse_stage_args,
@@ -18,7 +19,9 @@ from hfrecipes.api import (
     push,
     read_record,
     recipes,
+    reward,
     run_stage,
+    sft,
 )
 from hfrecipes.errors import UsageError
 
@@ -27,6 +30,7 @@ __all__ = [
     "StageResult",
     "UsageError",
     "cost",
+    "dpo",
     "export",
     "generate",
     "parse_stage_args",
@@ -34,6 +38,8 @@ __all__ = [
     "push",
     "read_record",
     "recipes",
+    "reward",
     "run_stage",
+    "sft",
     "__version__",
 ]

@@ -63,6 +63,21 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
     return read(folder)
 
 
+def sft(recipe: str | Path = "tiny/sft", **overrides) -> StageResult:
+    """Supervised fine-tuning on conversations or prompt/completion pairs (full, LoRA or QLoRA)."""
+    return run_stage("sft", recipe, **overrides)
+
+
+def reward(recipe: str | Path = "tiny/reward", **overrides) -> StageResult:
+    """Train a reward model (a one-output classification head) on chosen/rejected pairs."""
+    return run_stage("reward", recipe, **overrides)
+
+
+def dpo(recipe: str | Path = "tiny/dpo", **overrides) -> StageResult:
+    """Direct preference optimisation against the parent checkpoint (any loss type TRL offers)."""
+    return run_stage("dpo", recipe, **overrides)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

@@ -19,6 +19,13 @@ from hfrecipes.errors import UsageError
 TINY_PREFIX = "tiny:"
 TINY_DATASETS = ("corpus", "sft", "preference", "prompts")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# The columns each stage reads: any one of the sets. Checked on the raw data, before any model is loaded.
+STAGE_COLUMNS: dict[str, list[list[str]]] = {
+    "pretrain": [["text"]],
+    "sft": [["messages"], ["prompt", "completion"]],
+    "reward": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
+    "dpo": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
+}
 # What a value in each well-known column must be, checked on the first rows before any model loads.
 COLUMN_TYPES: dict[str, tuple[type, ...]] = {
     "text": (str,),
@@ -180,10 +187,14 @@ def load_split(args: ScriptArguments, split: str):
 def _load(fn, name):
     try:
         return fn()
-    except ValueError as e:  # datasets raises ValueError for an unknown split
+    except ValueError as e:  # datasets raises ValueError for an unknown split, and for a file with no rows
+        if "corresponds to no data" in str(e):
+            raise UsageError(f"dataset '{name}' is empty; a stage needs at least one example.") from None
         if "split" in str(e).lower():
             return None
         raise UsageError(f"dataset_name '{name}' could not be read: {e}") from None
+    except StopIteration:  # datasets' JSON reader on a file without a single row
+        raise UsageError(f"dataset '{name}' is empty; a stage needs at least one example.") from None
     except (FileNotFoundError, ConnectionError, OSError) as e:
         raise UsageError(
             f"dataset_name '{name}' could not be loaded ({type(e).__name__}: {e}). Use a local file or folder, "

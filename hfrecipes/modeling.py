@@ -1,4 +1,5 @@
-"""Models and tokenizers: from a config (random weights), from a checkpoint, and the embedded tiny tokenizer.
+"""Models and tokenizers: from a config (random weights), from a checkpoint or a GGUF file, and the embedded tiny
+tokenizer; LoRA and QLoRA wiring from the recipe's switches (`use_peft`, `lora_*`, `load_in_4bit`).
 
 Safe by default: `trust_remote_code` only when the recipe sets it, and weights from safetensors only.
 """
@@ -25,6 +26,13 @@ class ModelConfig(trl.ModelConfig):
         default=False,
         metadata={"help": "Allow pickled `.bin` weights (can run arbitrary code). Off: safetensors only."},
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside model_name_or_path (a folder or Hub repo), loaded dequantized. A "
+            "model_name_or_path that is itself a `.gguf` file sets this for you."
+        },
+    )
 
 
 def has_accelerator() -> bool:
@@ -48,11 +56,16 @@ def apply_device_defaults(args) -> None:
     args.fp16 = False
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, revision: str | None = None, gguf_file: str | None = None
+):
     from transformers import AutoTokenizer
 
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision, **extra
+        )
     except (OSError, ValueError) as e:
         raise UsageError(f"tokenizer '{name_or_path}' could not be loaded: {e}") from None
     if tok.pad_token is None:
@@ -109,17 +122,136 @@ def check_model_path(name_or_path: str, field: str = "model_name_or_path") -> No
 
 def load_causal_lm(model_args, torch_dtype: str | None = None):
     """A pretrained causal LM from `trl.ModelConfig`: safetensors only, remote code only when asked."""
-    from transformers import AutoModelForCausalLM
+    return load_pretrained(model_args, dtype=torch_dtype)
 
+
+# ------------------------------------------------------------------------------------- checkpoints, LoRA, QLoRA
+
+HEADS = {"causal_lm": "AutoModelForCausalLM", "reward": "AutoModelForSequenceClassification"}
+
+
+def model_source(model_args) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file or None): a `.gguf` model_name_or_path is split into its folder and file."""
+    name = str(model_args.model_name_or_path)
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        return str(path.parent), str(path)
+    if model_args.gguf_file and Path(name, model_args.gguf_file).expanduser().is_file():
+        return name, str(Path(name, model_args.gguf_file).expanduser())
+    return name, model_args.gguf_file
+
+
+def check_model_args(model_args, parent_stage: str | None = None) -> None:
+    """Everything about the model that can be wrong, found before data or weights load: paths, switches."""
+    if not model_args.model_name_or_path:
+        hint = f" (normally the {parent_stage} output, e.g. runs/tiny/{parent_stage})" if parent_stage else ""
+        raise UsageError(f"model_name_or_path is required: the checkpoint this stage starts from{hint}.")
     check_model_path(model_args.model_name_or_path)
+    source, gguf = model_source(model_args)
+    if gguf and Path(source).expanduser().is_dir() and not Path(gguf).expanduser().is_file():
+        raise UsageError(f"gguf_file '{gguf}' does not exist. Check the path, or leave gguf_file unset.")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise UsageError(
+            "load_in_4bit/load_in_8bit quantize the frozen base model, so only adapters can train: set use_peft: true "
+            "(QLoRA), or drop load_in_4bit for full training."
+        )
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("load_in_4bit/load_in_8bit need bitsandbytes: pip install 'hfrecipes[qlora]'.")
+
+
+def peft_config(model_args, task_type: str | None = None):
+    """TRL's LoRA config from the recipe switches (None unless use_peft); `task_type` overrides lora_task_type."""
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is not None and task_type is not None:
+        config.task_type = task_type
+    return config
+
+
+def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = None, **kwargs):
+    """A checkpoint (folder, Hub id or GGUF file) with the head a stage needs, quantized when the recipe asks.
+
+    Safetensors only unless allow_pickle_weights; remote code only when trust_remote_code. A GGUF file is
+    dequantized to a dense model, so it trains and saves like any other checkpoint.
+    """
+    import transformers
+    from trl import get_quantization_config
+
+    check_model_args(model_args)
+    source, gguf = model_source(model_args)
+    quantization = get_quantization_config(model_args)
+    extra = dict(kwargs)
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        extra["device_map"] = kbit_device_map()
+    if gguf:
+        extra["gguf_file"] = gguf
+    auto_class = getattr(transformers, HEADS[head])
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path,
+        model = auto_class.from_pretrained(
+            source,
             revision=model_args.model_revision,
             trust_remote_code=model_args.trust_remote_code,
             attn_implementation=model_args.attn_implementation,
-            dtype=torch_dtype or model_args.dtype or "auto",
-            use_safetensors=not model_args.allow_pickle_weights,
+            dtype=dtype or model_args.dtype or "auto",
+            use_safetensors=None if gguf or model_args.allow_pickle_weights else True,
+            **extra,
         )
     except (OSError, ValueError) as e:
         raise UsageError(f"model_name_or_path '{model_args.model_name_or_path}' could not be loaded: {e}") from None
+    if gguf:
+        _drop_gguf_quantizer(model)
+    return model
+
+
+def kbit_device_map():
+    """A quantized model is placed at load time: on this process's GPU, or on the CPU (bitsandbytes' CPU backend)."""
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return {"": PartialState().local_process_index}
+    return None
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """A GGUF checkpoint loads through transformers' GGUF quantizer; once dense, the model is a plain one."""
+    model.hf_quantizer = None
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.is_quantized = False
+
+
+def load_stage_tokenizer(model_args):
+    """The tokenizer that belongs to model_name_or_path (or to its GGUF file)."""
+    source, gguf = model_source(model_args)
+    return load_tokenizer(source, model_args.trust_remote_code, model_args.model_revision, gguf_file=gguf)
+
+
+def adapter_summary(model, model_args) -> dict[str, Any] | None:
+    """What the record says about LoRA/QLoRA: rank, alpha, targets, base precision."""
+    if not model_args.use_peft:
+        return None
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None) if config is not None else model_args.lora_target_modules
+    quant = "4-bit " + model_args.bnb_4bit_quant_type if model_args.load_in_4bit else None
+    return {
+        "type": "qlora" if (model_args.load_in_4bit or model_args.load_in_8bit) else "lora",
+        "r": model_args.lora_r,
+        "alpha": model_args.lora_alpha,
+        "dropout": model_args.lora_dropout,
+        "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+        "base_quantization": quant or ("8-bit" if model_args.load_in_8bit else None),
+    }
+
+
+def default_bf16() -> bool:
+    """bf16 mixed precision where the hardware has it (a CUDA GPU with bf16), fp32 elsewhere (CPU tests, old GPUs)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())

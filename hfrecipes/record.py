@@ -226,3 +226,69 @@ def metrics_callback(output_dir: str | Path):
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
     return MetricsCallback()
+
+
+def dataset_entry(name: str, split: str, raw, prepared=None) -> dict[str, Any]:
+    """One dataset as the record lists it: name, split, fingerprint, rows (and rows after preparation)."""
+    entry = {"name": name, "split": split, "fingerprint": getattr(raw, "_fingerprint", None), "rows": len(raw)}
+    if prepared is not None:
+        entry["rows_prepared"] = len(prepared)
+    return entry
+
+
+def logged(trainer, key: str) -> list[float]:
+    """Every training-time value of `key` the trainer logged, in order (evaluation logs left out)."""
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+def finish_record(
+    rec: dict[str, Any],
+    trainer,
+    result,
+    wall_seconds: float,
+    datasets: list[dict[str, Any]],
+    stage_cutoff: dict[str, Any],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """Fill data, compute and metrics of a fine-tuning stage's record from its trainer, and mark it complete.
+
+    Tokens seen are TRL's own count (`num_tokens`, every token of every sequence the model read); examples are
+    optimizer steps x global batch (a preference pair is one example).
+    """
+    from hfrecipes.data import model_cutoff
+
+    args = trainer.args
+    steps = trainer.state.global_step
+    examples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens = int((logged(trainer, "num_tokens") or [0])[-1])
+    losses = logged(trainer, "loss")
+    rec["data"] = {
+        "datasets": datasets,
+        "examples_seen": examples,
+        "tokens_seen": tokens,
+        "epochs": trainer.state.epoch,
+        "knowledge_cutoff": stage_cutoff,
+        "model_cutoff": model_cutoff(stage_cutoff, rec.get("parent"), rec["stage"]),
+    }
+    rec["compute"] = compute_summary(
+        rec["model"]["params_total"], tokens, trainer.state.total_flos, wall_seconds, device_info(args.world_size)
+    )
+    rec["metrics"] = {
+        "steps": steps,
+        "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        **metrics,
+    }
+    rec["status"] = "complete"
+    rec["finished"] = now()
+    return rec
+
+
+def close_run(output_dir: str | Path, rec: dict[str, Any]) -> None:
+    """Write the finished record and its card, then drop the run marker: the folder is a complete stage."""
+    from hfrecipes import card
+
+    write_record(output_dir, rec)
+    card.write_card(output_dir, rec)
+    (Path(output_dir) / MARKER).unlink(missing_ok=True)

@@ -7,6 +7,9 @@ from types import ModuleType
 
 STAGES: dict[str, str] = {
     "pretrain": "hfrecipes.stages.pretrain",
+    "sft": "hfrecipes.stages.sft",
+    "reward": "hfrecipes.stages.reward",
+    "dpo": "hfrecipes.stages.dpo",
 }
 
 

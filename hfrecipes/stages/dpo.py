@@ -1,0 +1,119 @@
+"""Direct preference optimisation: the policy learns from chosen/rejected pairs against a frozen reference.
+
+The reference is the parent checkpoint: a second copy for full training, the same model with its adapter disabled
+under LoRA (no second copy). Any loss type TRL offers is a recipe key (`loss_type: [sigmoid, sft]`); held-out
+reward margins, accuracies and log-probabilities are measured before and after training.
+
+hfrecipes dpo --config tiny/dpo
+hfrecipes dpo --config tiny/dpo_lora --max_steps 50
+accelerate launch -m hfrecipes dpo --config qwen2.5-0.5b-instruct/dpo/lora
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trl
+
+from hfrecipes import card, data, modeling, record
+from hfrecipes.data import ScriptArguments
+from hfrecipes.modeling import ModelConfig
+from hfrecipes.stages.common import FineTuneDefaults
+
+STAGE = "dpo"
+COLUMNS = data.STAGE_COLUMNS[STAGE]
+# TRL validates loss types only inside the first training step; its config's help text lists them all, so the
+# recipe is checked against that list before anything loads and follows TRL when it adds one.
+LOSS_TYPES = tuple(re.findall(r"`'(\w+)'`", trl.DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+HELDOUT_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "logps/chosen")
+
+
+@dataclass
+class DPOConfig(FineTuneDefaults, trl.DPOConfig):
+    """`trl.DPOConfig` with the fine-tuning defaults of `stages/common.py`; `loss_type` checked when parsed."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is not a DPO loss of TRL; the loss types are {list(LOSS_TYPES)}")
+
+
+DATACLASSES = (ScriptArguments, DPOConfig, ModelConfig)
+
+
+class DPOTrainer(card.OwnsCard, trl.DPOTrainer):
+    """`trl.DPOTrainer` that owns the model card (ours is written from the stage record)."""
+
+
+def heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The held-out preference numbers of one evaluation, plus the log-probability gap chosen - rejected."""
+    out = {k: metrics[f"{prefix}_{k}"] for k in (*HELDOUT_KEYS, "logps/rejected") if f"{prefix}_{k}" in metrics}
+    if "logps/chosen" in out and "logps/rejected" in out:
+        out["logps/gap"] = out["logps/chosen"] - out["logps/rejected"]
+    return out
+
+
+def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: ModelConfig, recipe: dict):
+    """Optimise the policy on preference pairs and write the stage folder; returns (output_dir, record)."""
+    # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
+    output_dir = Path(training_args.output_dir)
+    resume_from = record.check_output_dir(output_dir, STAGE)
+    modeling.check_model_args(model_args, parent_stage="sft")
+    parent = record.read_record(model_args.model_name_or_path)
+    rec = record.new_record(STAGE, recipe, parent)
+
+    # Data: load and check before any model exists.
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+
+    # Tokenizer: the checkpoint's.
+    tokenizer = modeling.load_stage_tokenizer(model_args)
+
+    # Model: the policy, and the reference: a second copy only for full training without precomputed reference
+    # log-probabilities; under LoRA the reference is the policy with its adapter disabled.
+    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    model = modeling.load_pretrained(model_args)
+    separate_reference = not model_args.use_peft and not training_args.precompute_ref_log_probs
+    ref_model = modeling.load_pretrained(model_args) if separate_reference else None
+
+    # Trainer.
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=train_raw,
+        eval_dataset=test_raw,
+        processing_class=tokenizer,
+        peft_config=modeling.peft_config(model_args),
+        callbacks=[record.metrics_callback(output_dir)],
+    )
+    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
+    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
+    rec["model"]["reference"] = "separate copy of the parent" if separate_reference else "adapter-disabled policy"
+    if training_args.precompute_ref_log_probs and not model_args.use_peft:
+        rec["model"]["reference"] = "parent log-probabilities precomputed before training"
+    before = trainer.evaluate() if test_raw is not None else {}
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    after = trainer.evaluate() if test_raw is not None else {}
+
+    # Save: model (or adapter), tokenizer, record, card (main process only).
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
+        metrics = {
+            "loss_type": list(training_args.loss_type),
+            "beta": training_args.beta,
+            "heldout_before": heldout(before, "eval"),
+            "heldout": heldout(after, "eval"),
+            "train_last_logged": {k: (record.logged(trainer, k) or [None])[-1] for k in HELDOUT_KEYS},
+        }
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.close_run(output_dir, rec)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir, record.read_record(output_dir)

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning on conversations (`messages`) or prompt/completion pairs, loss on the reply's tokens.
+
+hfrecipes sft --config tiny/sft
+hfrecipes sft --config tiny/sft_lora --max_steps 50
+accelerate launch -m hfrecipes sft --config qwen2.5-0.5b-instruct/sft/lora
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trl
+
+from hfrecipes import card, data, modeling, record
+from hfrecipes.data import ScriptArguments
+from hfrecipes.errors import UsageError
+from hfrecipes.modeling import ModelConfig
+from hfrecipes.stages.common import FineTuneDefaults
+
+STAGE = "sft"
+COLUMNS = data.STAGE_COLUMNS[STAGE]
+
+
+@dataclass
+class SFTConfig(FineTuneDefaults, trl.SFTConfig):
+    """`trl.SFTConfig` with the fine-tuning defaults of `stages/common.py`.
+
+    Changed default: `assistant_only_loss=None` means "on for `messages` data"; prompt/completion data trains on
+    the completion through TRL's `completion_only_loss`.
+    """
+
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Loss on the assistant's tokens only (needs `{% generation %}` markers in the chat template, or "
+            "a template TRL can patch). Default: on for conversational `messages` data."
+        },
+    )
+
+
+DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig)
+
+
+class SFTTrainer(card.OwnsCard, trl.SFTTrainer):
+    """`trl.SFTTrainer` that owns the model card (ours is written from the stage record)."""
+
+
+def resolve_loss(training_args: SFTConfig, train_raw) -> bool:
+    """Settle assistant_only_loss from the data (on for `messages`); returns whether the data is conversational."""
+    from trl.data_utils import is_conversational
+
+    conversational = is_conversational(train_raw[0])
+    if training_args.assistant_only_loss is None:
+        training_args.assistant_only_loss = "messages" in train_raw.column_names
+    if training_args.assistant_only_loss and not conversational:
+        raise UsageError(
+            "assistant_only_loss: true needs conversational data (`messages`, or prompt/completion as message "
+            "lists); this data is plain prompt/completion text, which trains on the completion only by itself "
+            "(completion_only_loss). Set assistant_only_loss: false."
+        )
+    return conversational
+
+
+def check_chat_template(tokenizer, training_args: SFTConfig, conversational: bool, name: str) -> None:
+    """Conversational data needs a chat template, and assistant-only loss one that can mark the assistant's turns."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    if not conversational or training_args.chat_template_path is not None:
+        return
+    if not tokenizer.chat_template:
+        raise UsageError(
+            f"the tokenizer of '{name}' has no chat template, and the data is conversational. Set "
+            "chat_template_path to a .jinja file or to a tokenizer whose template to use."
+        )
+    if training_args.assistant_only_loss:
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            raise UsageError(
+                f"assistant_only_loss needs `{{% generation %}}` markers in the chat template of '{name}', and TRL "
+                "cannot patch this one. Set assistant_only_loss: false (loss on the whole conversation), or "
+                "chat_template_path to a template with the markers."
+            ) from None
+
+
+def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, recipe: dict):
+    """Fine-tune and write the stage folder; returns (output_dir, record)."""
+    # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
+    output_dir = Path(training_args.output_dir)
+    resume_from = record.check_output_dir(output_dir, STAGE)
+    modeling.check_model_args(model_args, parent_stage="pretrain")
+    parent = record.read_record(model_args.model_name_or_path)
+    rec = record.new_record(STAGE, recipe, parent)
+
+    # Data: load and check before any model exists.
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+    conversational = resolve_loss(training_args, train_raw)
+
+    # Tokenizer: the checkpoint's, with a chat template that fits the data and the loss.
+    tokenizer = modeling.load_stage_tokenizer(model_args)
+    check_chat_template(tokenizer, training_args, conversational, model_args.model_name_or_path)
+
+    # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
+    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    model = modeling.load_pretrained(model_args)
+
+    # Trainer.
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_raw,
+        eval_dataset=test_raw,
+        processing_class=tokenizer,
+        peft_config=modeling.peft_config(model_args),
+        callbacks=[record.metrics_callback(output_dir)],
+    )
+    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
+    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    heldout = trainer.evaluate() if test_raw is not None else {}
+
+    # Save: model (or adapter), tokenizer, record, card (main process only).
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
+        metrics = {
+            "assistant_only_loss": training_args.assistant_only_loss,
+            "completion_only_loss": trainer.completion_only_loss,
+            "packing": training_args.packing,
+            **{k: v for k, v in heldout.items() if k in ("eval_loss", "eval_mean_token_accuracy")},
+        }
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.close_run(output_dir, rec)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir, record.read_record(output_dir)
