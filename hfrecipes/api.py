@@ -78,6 +78,11 @@ def dpo(recipe: str | Path = "tiny/dpo", **overrides) -> StageResult:
     return run_stage("dpo", recipe, **overrides)
 
 
+def grpo(recipe: str | Path = "tiny/grpo", **overrides) -> StageResult:
+    """GRPO-style RL with verifiable rewards; held-out pass@1 before and after (full, LoRA or QLoRA)."""
+    return run_stage("grpo", recipe, **overrides)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

@@ -330,4 +330,3 @@ def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name
     path = folder / "README.md"
     records.atomic_write_text(path, str(render(rec, str(name or folder), plots=written)))
     return path
-

@@ -1,0 +1,145 @@
+"""GRPO-style reasoning RL with verifiable rewards: sample a group of replies per prompt, score them (is the answer
+right? is the format right?), and push the policy towards the replies that beat their group's mean.
+
+Held-out pass@1 accuracy (greedy) is measured before and after training and recorded.
+
+    hfrecipes grpo --config tiny/grpo
+    hfrecipes grpo --config tiny/grpo_lora --max_steps 50
+    accelerate launch -m hfrecipes grpo --config qwen2.5-0.5b-instruct/grpo/lora
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trl
+
+from hfrecipes import card, data, evaluation, modeling, record, rewards
+from hfrecipes.data import ScriptArguments
+from hfrecipes.errors import UsageError
+from hfrecipes.modeling import ModelConfig
+from hfrecipes.stages.common import FineTuneDefaults
+
+STAGE = "grpo"
+
+
+@dataclass
+class GRPOConfig(FineTuneDefaults, trl.GRPOConfig):
+    """`trl.GRPOConfig` plus rewards chosen by name and a held-out evaluation before and after training."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": f"Rewards by name ({', '.join(rewards.REWARDS)}) or 'package.module:function'; "
+            "weights in reward_weights."
+        },
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "A reward-model checkpoint (sequence classifier) to add as a reward."}
+    )
+    eval_metric: str = field(
+        default="answer_accuracy", metadata={"help": "`evaluate` metric for held-out pass@1 (bundled or a Hub id)."}
+    )
+    eval_samples: int | None = field(default=None, metadata={"help": "Held-out prompts to evaluate (default all)."})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens per held-out reply; default max_completion_length."}
+    )
+    eval_before: bool = field(default=True, metadata={"help": "Also measure held-out accuracy before training."})
+
+
+DATACLASSES = (ScriptArguments, GRPOConfig, ModelConfig)
+
+
+class GRPOTrainer(card.OwnsCard, trl.GRPOTrainer):
+    """`trl.GRPOTrainer` that owns the model card (ours is written from the stage record)."""
+
+
+def reward_functions(training_args: GRPOConfig) -> list:
+    """The recipe's rewards, resolved before any model loads (a bad name fails fast)."""
+    funcs = [rewards.resolve(name) for name in training_args.reward_funcs]
+    if training_args.reward_model_path:
+        funcs.append(rewards.reward_model_scorer(training_args.reward_model_path))
+    if not funcs:
+        raise UsageError("reward_funcs is empty and reward_model_path unset: GRPO needs at least one reward.")
+    weights = training_args.reward_weights
+    if weights is not None and len(weights) != len(funcs):
+        raise UsageError(
+            f"reward_weights has {len(weights)} values for {len(funcs)} rewards "
+            f"({training_args.reward_funcs}{' + reward model' if training_args.reward_model_path else ''})."
+        )
+    return funcs
+
+
+def heldout(model, tokenizer, test_raw, training_args: GRPOConfig) -> dict:
+    if test_raw is None or "answer" not in test_raw.column_names:
+        return {}
+    rows = test_raw if training_args.eval_samples is None else test_raw.select(range(training_args.eval_samples))
+    return evaluation.heldout_accuracy(
+        model,
+        tokenizer,
+        rows["prompt"],
+        rows["answer"],
+        training_args.eval_metric,
+        training_args.eval_max_new_tokens or training_args.max_completion_length,
+    )
+
+
+def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, recipe: dict):
+    """Train with group-relative rewards and write the stage folder; returns (output_dir, record)."""
+    # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
+    output_dir = Path(training_args.output_dir)
+    resume_from = record.check_output_dir(output_dir, STAGE)
+    modeling.check_model_args(model_args, parent_stage="sft")
+    parent = record.read_record(model_args.model_name_or_path)
+    rec = record.new_record(STAGE, recipe, parent)
+
+    # Rewards and data: resolved and checked before any model exists.
+    funcs = reward_functions(training_args)
+    needs = [["prompt", "answer"]] if "accuracy" in training_args.reward_funcs else [["prompt"]]
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, needs)
+    stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+
+    # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
+    tokenizer = modeling.load_stage_tokenizer(model_args)
+    tokenizer.padding_side = "left"
+    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    model = modeling.load_pretrained(model_args)
+    before = heldout(model, tokenizer, test_raw, training_args) if training_args.eval_before else {}
+
+    # Trainer.
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=funcs,
+        args=training_args,
+        train_dataset=train_raw,
+        processing_class=tokenizer,
+        peft_config=modeling.peft_config(model_args),
+        callbacks=[record.metrics_callback(output_dir)],
+    )
+    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
+    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - start
+    after = heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, test_raw, training_args)
+
+    # Save: model (or adapter), tokenizer, record, card (main process only).
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
+        metrics = {
+            "heldout_accuracy_before": before.get("accuracy"),
+            "heldout_accuracy": after.get("accuracy"),
+            "heldout_prompts": after.get("total"),
+            "heldout_metric": training_args.eval_metric,
+            "reward_first_logged": (record.logged(trainer, "reward") or [None])[0],
+            "reward_last_logged": (record.logged(trainer, "reward") or [None])[-1],
+            "rewards": training_args.reward_funcs + (["reward_model"] if training_args.reward_model_path else []),
+        }
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        rec["evaluation"] = {"before": before, "after": after}
+        record.close_run(output_dir, rec)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir, record.read_record(output_dir)

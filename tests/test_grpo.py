@@ -1,0 +1,108 @@
+"""GRPO: rewards by name, bad input caught before any model loads, LoRA keeps the base, accuracy is recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import hfrecipes
+from hfrecipes.errors import UsageError
+
+
+@pytest.fixture(scope="module")
+def weak_sft(tiny_pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grpo") / "sft"
+    return hfrecipes.sft(
+        "tiny/sft",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        max_steps=20,
+        output_dir=str(out),
+        logging_steps=10,
+        save_strategy="no",
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        ({"reward_funcs": ["hfrecipes.rewards:nope"]}, ["no function 'nope'"]),
+        ({"reward_funcs": ["no_such_pkg_zz:f"]}, ["cannot be imported"]),
+        ({"reward_funcs": ["acuracy"]}, ["unknown", "accuracy"]),
+        ({"reward_funcs": ["accuracy", "format"], "reward_weights": [1.0]}, ["reward_weights has 1 values"]),
+        ({"dataset_columns": {"answer": "gold"}}, ["gold"]),
+        ({"dataset_name": "tiny:sft", "dataset_columns": None}, ["lacks column", "answer", "messages"]),
+        ({"reward_model_path": "./no/such/rm"}, ["reward_model_path", "does not exist"]),
+        ({"model_name_or_path": "./no/such/model"}, ["model_name_or_path", "does not exist"]),
+    ],
+)
+def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypatch):
+    from hfrecipes import modeling
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(modeling, "load_pretrained", no_loading)
+    args = {"model_name_or_path": str(tmp_path), "output_dir": str(tmp_path / "out"), **overrides}
+    with pytest.raises(UsageError) as e:
+        hfrecipes.grpo("tiny/grpo", **args)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_grpo_records_accuracy_and_rewards(weak_sft, tmp_path):
+    out = hfrecipes.grpo(
+        "tiny/grpo",
+        model_name_or_path=str(weak_sft.output_dir),
+        max_steps=3,
+        eval_samples=16,
+        output_dir=str(tmp_path / "g"),
+        logging_steps=1,
+        save_strategy="no",
+        reward_funcs=["accuracy", "format", "length"],
+        reward_weights=[1.0, 0.1, 0.01],
+    )
+    m = out.record["metrics"]
+    assert m["steps"] == 3 and m["heldout_prompts"] == 16
+    assert 0.0 <= m["heldout_accuracy_before"] <= 1.0 and 0.0 <= m["heldout_accuracy"] <= 1.0
+    assert m["rewards"] == ["accuracy", "format", "length"]
+    logs = [json.loads(x) for x in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/length_penalty/mean" in x for x in logs)
+    assert out.record["evaluation"]["after"]["examples"][0]["reference"].endswith(".")
+    assert out.record["parent"]["stage"] == "sft"
+
+
+def test_grpo_lora_keeps_base_bit_identical_and_moves_adapter(weak_sft, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    out = hfrecipes.grpo(
+        "tiny/grpo_lora",
+        model_name_or_path=str(weak_sft.output_dir),
+        max_steps=3,
+        eval_before=False,
+        eval_samples=8,
+        output_dir=str(tmp_path / "gl"),
+        save_strategy="no",
+        learning_rate=5e-2,
+        reward_funcs=["length"],
+    )  # a dense reward: every group has a spread
+    base_after = load_file(weak_sft.output_dir / "model.safetensors")
+    adapter = load_file(out.output_dir / "adapter_model.safetensors")
+    assert not (out.output_dir / "model.safetensors").exists()
+    # LoRA B starts at zero: a trained adapter has moved it
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    # the parent's weights on disk are untouched, and merging the adapter changes the model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(weak_sft.output_dir)
+    ref = {k: v.clone() for k, v in base.state_dict().items()}
+    peft_model = PeftModel.from_pretrained(base, out.output_dir)
+    for name, p in peft_model.base_model.model.state_dict().items():
+        if "lora_" in name or name not in ref:
+            continue
+        assert torch.equal(p, ref[name]), name
+    assert out.record["model"]["adapter"]["type"] == "lora"
+    assert base_after.keys() == load_file(weak_sft.output_dir / "model.safetensors").keys()
