@@ -5,9 +5,11 @@ out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
 print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
-# `hfrecipes.cost` is the planner function. The module of the same name is imported first, so that loading it later
-# cannot replace the function on the package; code reaches the module with `from hfrecipes.cost import ...`.
+# `hfrecipes.cost` and `hfrecipes.lifecycle` are API functions. The modules of the same names are imported first, so
+# that loading them later cannot replace the functions on the package; code reaches the modules with
+# `from hfrecipes.cost import ...`.
 from hfrecipes import cost as _cost_module  # noqa: F401
+from hfrecipes import lifecycle as _lifecycle_module  # noqa: F401
 from hfrecipes.api import (
     StageResult,
     cost,
@@ -15,6 +17,7 @@ from hfrecipes.api import (
     export,
     generate,
     grpo,
+    lifecycle,
     parse_stage_args,
     pretrain,
     push,
@@ -35,6 +38,7 @@ __all__ = [
     "export",
     "generate",
     "grpo",
+    "lifecycle",
     "parse_stage_args",
     "pretrain",
     "push",

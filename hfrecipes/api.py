@@ -83,6 +83,21 @@ def grpo(recipe: str | Path = "tiny/grpo", **overrides) -> StageResult:
     return run_stage("grpo", recipe, **overrides)
 
 
+def lifecycle(
+    recipe: str | Path = "tiny/lifecycle",
+    run_dir: str | Path | None = None,
+    force: tuple[str, ...] | list[str] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run or resume a whole lifecycle (stages, control, export, inference); returns its summary.
+
+    `overrides` maps a stage id, or `*` for every stage, to recipe keys: `{"*": {"max_steps": 5}}`.
+    """
+    from hfrecipes.lifecycle import run
+
+    return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

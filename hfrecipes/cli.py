@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from hfrecipes.errors import UsageError
 from hfrecipes.stages import STAGES
@@ -73,6 +74,23 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("folder", metavar="STAGE_DIR", help="a finished stage folder")
     push.add_argument("--repo-id", required=True, help="the model repo, e.g. me/tiny-sft")
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    life = sub.add_parser("lifecycle", help="run or resume a whole lifecycle (default: tiny/lifecycle)")
+    life.add_argument("recipe", nargs="?", default="tiny/lifecycle", help="a lifecycle recipe name or path")
+    life.add_argument("--run_dir", help="folder of the run (default: the recipe's run_dir, else runs/<name>)")
+    life.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="rerun STAGE and everything downstream (repeatable)",
+    )
+    life.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a recipe key of one stage, or of every stage with '*' (repeatable)",
+    )
     for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
@@ -81,8 +99,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(names: list[str], stage: str | None) -> None:
-    from pathlib import Path
-
     from hfrecipes.api import parse_stage_args
     from hfrecipes.recipe import recipes_root, resolve_recipe, stage_of_recipe
 
@@ -94,9 +110,14 @@ def _check(names: list[str], stage: str | None) -> None:
                 st = stage_of_recipe(path)
             except ValueError:
                 st = Path(path).stem.split("_")[0]
-        if st not in STAGES:
+        if st == "lifecycle":
+            from hfrecipes.lifecycle import load
+
+            load(path)
+        elif st not in STAGES:
             raise UsageError(f"{path}: cannot tell its stage (got '{st}'); pass --stage one of {list(STAGES)}.")
-        parse_stage_args(st, path)
+        else:
+            parse_stage_args(st, path)
         print(f"ok  {st:<9} {path if not str(path).startswith(str(recipes_root())) else name}")
 
 
@@ -132,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_recipes()))
             return 0
-        if args.command in ("check", "export", "generate", "cost", "push") and rest:
+        if args.command in ("check", "export", "generate", "cost", "push", "lifecycle") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
         if args.command == "export":
             from hfrecipes.api import export
@@ -171,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{stats['wall_seconds']:.2f} s = {stats['tokens_per_second']:.1f} tokens/s; "
                 f"{stats['flops_per_token']:.3g} FLOPs/token" + (f"; ${cost:.4f} per 1M tokens" if cost else "")
             )
+            return 0
+        if args.command == "lifecycle":
+            from hfrecipes.api import lifecycle
+            from hfrecipes.lifecycle import parse_sets
+
+            summary = lifecycle(args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set))
+            print((Path(summary["run_dir"]) / "summary.md").read_text())
             return 0
         if args.command == "check":
             _check(args.recipes, args.stage)
