@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on the embedded tiny default (no downloads). Output under runs/.
+# Set up, then run the main job: the whole lifecycle of the embedded tiny model (no downloads). Output: runs/tiny/.
 #   bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/hfrecipes pretrain --config tiny/pretrain "$@"
+.venv/bin/hfrecipes lifecycle "$@"

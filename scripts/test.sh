@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q "$@"
+# Two workers, one per core (each test process uses one torch thread); a test file stays on one worker.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

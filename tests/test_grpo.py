@@ -106,3 +106,28 @@ def test_grpo_lora_keeps_base_bit_identical_and_moves_adapter(weak_sft, tmp_path
         assert torch.equal(p, ref[name]), name
     assert out.record["model"]["adapter"]["type"] == "lora"
     assert base_after.keys() == load_file(weak_sft.output_dir / "model.safetensors").keys()
+
+
+def test_gsm8k_style_text_prompts_and_hash_answers(weak_sft, tmp_path):
+    """GSM8K's shape: a text `question` and an `answer` ending in '#### N'; prompts become chat turns."""
+    from hfrecipes.tiny import task
+
+    rows = [
+        {"question": task.question(a, b), "answer": f"{a} and {b} make {a + b}.\n#### {a + b}"}
+        for a, b in task.split_pairs()["rl"][:64]
+    ]
+    train = tmp_path / "gsm.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = hfrecipes.grpo(
+        "tiny/grpo",
+        model_name_or_path=str(weak_sft.output_dir),
+        dataset_name=str(train),
+        dataset_columns={"prompt": "question"},
+        dataset_test_split="",
+        max_steps=2,
+        system_prompt="Answer with the sum.",
+        output_dir=str(tmp_path / "g"),
+        save_strategy="no",
+    )
+    assert out.record["metrics"]["steps"] == 2
+    assert out.record["data"]["datasets"][0]["name"] == str(train)

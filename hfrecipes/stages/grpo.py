@@ -47,6 +47,13 @@ class GRPOConfig(FineTuneDefaults, trl.GRPOConfig):
         default=None, metadata={"help": "Tokens per held-out reply; default max_completion_length."}
     )
     eval_before: bool = field(default=True, metadata={"help": "Also measure held-out accuracy before training."})
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text prompts become chat prompts (a user turn) when the tokenizer has a chat template; "
+            "this adds a system turn first, e.g. asking for reasoning in <think>...</think>."
+        },
+    )
 
 
 DATACLASSES = (ScriptArguments, GRPOConfig, ModelConfig)
@@ -70,6 +77,14 @@ def reward_functions(training_args: GRPOConfig) -> list:
             f"({training_args.reward_funcs}{' + reward model' if training_args.reward_model_path else ''})."
         )
     return funcs
+
+
+def as_chat(ds, system_prompt: str | None, tokenizer):
+    """Text prompts (e.g. GSM8K's `question`) as chat prompts, so an instruct model sees its own template."""
+    if ds is None or not isinstance(ds[0]["prompt"], str) or not tokenizer.chat_template:
+        return ds
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return ds.map(lambda row: {"prompt": system + [{"role": "user", "content": row["prompt"]}]})
 
 
 def heldout(model, tokenizer, test_raw, training_args: GRPOConfig) -> dict:
@@ -104,6 +119,8 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
     tokenizer = modeling.load_stage_tokenizer(model_args)
     tokenizer.padding_side = "left"
+    train_raw = as_chat(train_raw, training_args.system_prompt, tokenizer)
+    test_raw = as_chat(test_raw, training_args.system_prompt, tokenizer)
     record.start_run(output_dir, STAGE, training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     before = heldout(model, tokenizer, test_raw, training_args) if training_args.eval_before else {}
