@@ -25,9 +25,18 @@ logger = logging.getLogger("hfrecipes.lifecycle")
 
 TOP_KEYS = ("name", "run_dir", "stages", "evaluation", "export", "inference", "control")
 STAGE_KEYS = ("id", "stage", "recipe", "parent", "overrides")
-EVAL_KEYS = ("dataset_name", "split", "prompt_column", "answer_column", "metric", "max_new_tokens", "samples")
+EVAL_KEYS = (
+    "dataset_name",
+    "dataset_config",
+    "split",
+    "prompt_column",
+    "answer_column",
+    "metric",
+    "max_new_tokens",
+    "samples",
+)
 EXPORT_KEYS = ("candidates", "dtype")
-INFERENCE_KEYS = ("max_new_tokens", "samples", "engine")
+INFERENCE_KEYS = ("max_new_tokens", "samples", "engine")  # prompts: the evaluation split
 CONTROL_KEYS = ("id", "stage", "recipe", "parent", "match_wall_time_of", "overrides")
 SCORED_STAGES = ("pretrain", "sft", "dpo", "grpo", "ppo")  # causal LMs: held-out task accuracy applies
 
@@ -167,17 +176,24 @@ def _clear(folder: Path, run_dir: Path) -> None:
     shutil.rmtree(folder)
 
 
+def _eval_rows(ev: dict[str, Any]):
+    from hfrecipes.data import ScriptArguments, load_split
+
+    args = ScriptArguments(
+        dataset_name=ev["dataset_name"], dataset_config=ev.get("dataset_config"), dataset_test_split=None
+    )
+    return load_split(args, ev.get("split", "test"))
+
+
 def _evaluate(life: Lifecycle, folder: Path) -> dict[str, Any]:
     """Held-out task accuracy of a stage folder (adapters merged in memory), through `evaluate`."""
-    from hfrecipes.data import ScriptArguments, load_split
     from hfrecipes.evaluation import heldout_accuracy
     from hfrecipes.exporting import load_merged
 
     ev = life.evaluation
     if not ev.get("dataset_name"):
         return {}
-    args = ScriptArguments(dataset_name=ev["dataset_name"], dataset_test_split=None)
-    rows = load_split(args, ev.get("split", "test"))
+    rows = _eval_rows(ev)
     if ev.get("samples"):
         rows = rows.select(range(min(ev["samples"], len(rows))))
     model, tok = load_merged(folder)
@@ -326,7 +342,6 @@ def run(
 
 
 def _inference(life: Lifecycle, export_dir: Path, stale: bool) -> dict[str, Any]:
-    from hfrecipes.data import ScriptArguments, load_split
     from hfrecipes.inference import generate
     from hfrecipes.rewards import answers_match
 
