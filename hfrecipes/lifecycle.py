@@ -350,9 +350,7 @@ def _inference(life: Lifecycle, export_dir: Path, stale: bool) -> dict[str, Any]
     if cached.is_file() and out.is_file() and not stale:
         return json.loads(cached.read_text())
     ev, inf = life.evaluation, life.inference
-    rows = load_split(
-        ScriptArguments(dataset_name=ev["dataset_name"], dataset_test_split=None), ev.get("split", "test")
-    )
+    rows = _eval_rows(ev)
     if inf.get("samples"):
         rows = rows.select(range(min(inf["samples"], len(rows))))
     prompts, answers = rows[ev.get("prompt_column", "prompt")], rows[ev.get("answer_column", "answer")]
