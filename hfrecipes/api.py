@@ -78,6 +78,11 @@ def dpo(recipe: str | Path = "tiny/dpo", **overrides) -> StageResult:
     return run_stage("dpo", recipe, **overrides)
 
 
+def ppo(recipe: str | Path = "tiny/ppo", **overrides) -> StageResult:
+    """PPO against a reward model and/or reward functions, with a KL penalty to the parent (full, LoRA or QLoRA)."""
+    return run_stage("ppo", recipe, **overrides)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

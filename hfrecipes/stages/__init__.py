@@ -10,6 +10,7 @@ STAGES: dict[str, str] = {
     "sft": "hfrecipes.stages.sft",
     "reward": "hfrecipes.stages.reward",
     "dpo": "hfrecipes.stages.dpo",
+    "ppo": "hfrecipes.stages.ppo",
 }
 
 
