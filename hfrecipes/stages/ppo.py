@@ -572,7 +572,7 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         self.state = transformers.TrainerState(
             stateful_callbacks=[
                 c
-                for c in self.callback_handler.callbacks
+                for c in [*self.callback_handler.callbacks, self.control]
                 if isinstance(c, transformers.trainer_callback.ExportableState)
             ]
         )
@@ -766,7 +766,7 @@ def load_weights(model, folder: Path) -> None:
         set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
         return
     state = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.glob("model*.safetensors")):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
