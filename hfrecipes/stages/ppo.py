@@ -466,13 +466,16 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         with torch.no_grad():
             for i in range(0, len(query), args.rollout_forward_batch_size):
                 sl = slice(i, i + args.rollout_forward_batch_size)
-                sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature}
+                # Sampling draws from the whole distribution (no top-k/top-p), the one the log-probabilities describe.
+                sampling = (
+                    {"do_sample": False}
+                    if greedy
+                    else {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0}
+                )
                 out = policy.generate(
                     input_ids=query[sl],
                     attention_mask=query_mask[sl],
                     max_new_tokens=args.max_new_tokens,
-                    top_k=0,
-                    top_p=1.0,
                     use_cache=True,
                     pad_token_id=self.pad_id,
                     eos_token_id=self.eos_id,
