@@ -98,6 +98,11 @@ def lifecycle(
     return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides)
 
 
+def ppo(recipe: str | Path = "tiny/ppo", **overrides) -> StageResult:
+    """PPO against a reward model and/or reward functions, with a KL penalty to the parent (full, LoRA or QLoRA)."""
+    return run_stage("ppo", recipe, **overrides)
+
+
 def recipes() -> list[str]:
     """The bundled recipe names."""
     from hfrecipes.recipe import list_recipes

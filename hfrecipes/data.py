@@ -25,6 +25,7 @@ STAGE_COLUMNS: dict[str, list[list[str]]] = {
     "sft": [["messages"], ["prompt", "completion"]],
     "reward": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
     "dpo": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
+    "ppo": [["prompt"]],
 }
 # What a value in each well-known column must be, checked on the first rows before any model loads.
 COLUMN_TYPES: dict[str, tuple[type, ...]] = {

@@ -120,6 +120,44 @@ def resolve(name: str) -> Callable[..., list[float]]:
     return fn
 
 
+def check_reward_model(path: str, trust_remote_code: bool = False) -> None:
+    """A reward model is a sequence classifier with one output (a reward stage's folder); anything else is refused
+    before weights load: a causal LM would load under a new, random head and score noise."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from hfrecipes.modeling import check_model_path
+
+    check_model_path(path, "reward_model_path")
+    adapter = Path(path).expanduser() / "adapter_config.json"
+    if adapter.is_file():
+        task = json.loads(adapter.read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise UsageError(
+                f"reward_model_path '{path}' holds a LoRA adapter for {task}, not a reward model (SEQ_CLS). Point it "
+                "at a reward stage's folder (e.g. runs/tiny/reward)."
+            )
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"reward_model_path '{path}' could not be loaded: {e}") from None
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        found = ", ".join(architectures) or "a model with no declared architecture"
+        raise UsageError(
+            f"reward_model_path '{path}' holds {found}, not a sequence classifier (...ForSequenceClassification). "
+            "Point it at a reward stage's folder (e.g. runs/tiny/reward)."
+        )
+    if config.num_labels != 1:
+        raise UsageError(
+            f"reward_model_path '{path}' is a classifier with {config.num_labels} outputs; a reward model has one. "
+            "Point it at a reward stage's folder (e.g. runs/tiny/reward)."
+        )
+
+
 def reward_model_scorer(path: str, tokenizer=None, trust_remote_code: bool = False):
     """A reward function that scores (prompt, completion) with a sequence-classification checkpoint, re-tokenizing
     the text with the reward model's own tokenizer so policy and reward model need not share one."""
@@ -129,6 +167,7 @@ def reward_model_scorer(path: str, tokenizer=None, trust_remote_code: bool = Fal
     from hfrecipes.modeling import check_model_path
 
     check_model_path(path, "reward_model_path")
+    check_reward_model(path, trust_remote_code)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -150,8 +189,10 @@ def reward_model_scorer(path: str, tokenizer=None, trust_remote_code: bool = Fal
             else:
                 texts.append(completion_text(p) + completion_text(c))
         batch = rm_tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
+        batch = batch.to(model.device)
         with torch.no_grad():
             return model(**batch).logits[:, 0].float().tolist()
 
     reward_model.__name__ = "reward_model"
+    reward_model.model = model  # so a trainer can place it on its device
     return reward_model

@@ -19,6 +19,7 @@ FAST = {
     "reward": {"max_steps": 4},
     "dpo": {"max_steps": 3},
     "grpo": {"max_steps": 2, "eval_samples": 8, "per_device_train_batch_size": 16, "num_generations": 4},
+    "ppo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_mini_batches": 2, "heldout_max_prompts": 8},
     "sft_more": {},
 }
 
@@ -48,10 +49,12 @@ def _ids(summary):
 
 def test_first_run_makes_every_artifact(first):
     run_dir, summary = first
-    assert set(summary["ran_this_time"]) == {"pretrain", "sft", "reward", "dpo", "grpo", "sft_more"}
-    for stage in ("pretrain", "sft", "reward", "dpo", "grpo", "sft_more"):
+    assert set(summary["ran_this_time"]) == {"pretrain", "sft", "reward", "ppo", "dpo", "grpo", "sft_more"}
+    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "sft_more"):
         assert json.loads((run_dir / stage / "record.json").read_text())["status"] == "complete"
-    assert summary["export"]["from"] in ("dpo", "grpo")
+    assert summary["export"]["from"] in ("ppo", "dpo", "grpo")
+    ppo = json.loads((run_dir / "ppo" / "record.json").read_text())
+    assert ppo["recipe"]["values"]["reward_model_path"] == str(run_dir / "reward")
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 8
     md = (run_dir / "summary.md").read_text()

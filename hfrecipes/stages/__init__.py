@@ -11,6 +11,7 @@ STAGES: dict[str, str] = {
     "reward": "hfrecipes.stages.reward",
     "dpo": "hfrecipes.stages.dpo",
     "grpo": "hfrecipes.stages.grpo",
+    "ppo": "hfrecipes.stages.ppo",
 }
 
 

@@ -1,0 +1,322 @@
+"""PPO: the arithmetic by hand, the first update's ratio, reward rising on the tiny chain, LoRA, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hfrecipes
+from hfrecipes import modeling, rewards
+from hfrecipes.errors import UsageError
+from hfrecipes.stages import ppo
+
+# Small rollouts so the whole file stays within a few minutes on one core: 32 replies per step, 2 x 2 updates.
+FAST = dict(
+    per_device_train_batch_size=16,
+    num_mini_batches=2,
+    num_ppo_epochs=2,
+    max_new_tokens=14,
+    heldout_max_prompts=96,
+    save_strategy="no",
+    logging_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_pretrained, tmp_path_factory):
+    """A weak tiny SFT model (it has not passed its accuracy transition) and a reward model trained on top."""
+    root = tmp_path_factory.mktemp("ppo-chain")
+    sft = hfrecipes.sft(
+        "tiny/sft", model_name_or_path=str(tiny_pretrained.output_dir), max_steps=120, output_dir=str(root / "sft")
+    )
+    reward = hfrecipes.reward(
+        "tiny/reward", model_name_or_path=str(sft.output_dir), max_steps=100, output_dir=str(root / "reward")
+    )
+    return {"sft": str(sft.output_dir), "reward": str(reward.output_dir), "root": root}
+
+
+def _ppo(chain, out, **overrides):
+    kw = {**FAST, "model_name_or_path": chain["sft"], "reward_model_path": chain["reward"], "output_dir": str(out)}
+    return hfrecipes.ppo("tiny/ppo", **{**kw, **overrides})
+
+
+def _logs(folder) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------ arithmetic by hand
+
+
+def test_gae_and_whitening_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])  # 9.0 lies past the second reply's end: ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    # delta_t = r_t + 0.9 V_{t+1} - V_t (V = 0 after a reply's last token); A_t = delta_t + 0.72 A_{t+1}
+    a02 = 1.0 - 0.3
+    a01 = (0.9 * 0.3 - 0.2) + 0.72 * a02
+    a00 = (0.9 * 0.2 - 0.1) + 0.72 * a01
+    a11 = -0.5
+    a10 = (0.5 + 0.9 * 0.5 - 0.4) + 0.72 * a11
+    expected = torch.tensor([[a00, a01, a02], [a10, a11, 0.0]])
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert torch.allclose(returns, expected + values * mask, atol=1e-6)
+
+    flat = [a00, a01, a02, a10, a11]
+    mean, std = statistics.mean(flat), statistics.stdev(flat)  # the unbiased variance, as TRL's masked_whiten
+    white = ppo.whiten(advantages, mask) * mask
+    assert torch.allclose(
+        white,
+        torch.tensor([[(a - mean) / std for a in flat[:3]], [*((a - mean) / std for a in flat[3:]), 0.0]]),
+        atol=1e-5,
+    )
+    assert torch.allclose(ppo.whiten(advantages, mask, shift_mean=False) * mask, (white + mean) * mask, atol=1e-5)
+
+
+def test_clipped_losses_and_adaptive_kl_by_hand():
+    args = ppo.PPOConfig(output_dir="unused", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    # First update: the same log-probabilities, so the ratio is 1 and nothing is clipped.
+    loss, s = ppo.ppo_losses(old, old, torch.tensor([[1.0, -1.0]]), old, old, old, mask, args)
+    assert s["ratio"] == 1 and s["max_ratio_dev"] == 0 and s["clipfrac"] == 0 and s["approxkl"] == 0
+    # Ratio 1.5 with a positive advantage is clipped to 1.2; a value moved by 0.5 towards return 1 is clipped to 0.2.
+    new = torch.full((1, 2), math.log(1.5))
+    loss, s = ppo.ppo_losses(new, old, torch.ones(1, 2), torch.full((1, 2), 0.5), old, torch.ones(1, 2), mask, args)
+    assert s["clipfrac"] == 1 and s["policy_loss"] == pytest.approx(-1.2)
+    assert s["value_loss"] == pytest.approx(0.5 * (1 - 0.2) ** 2) and s["value_clipfrac"] == 1
+    assert loss == pytest.approx(-1.2 + 0.1 * 0.5 * 0.8**2)
+    # Adaptive KL: the proportional error is clipped to +-0.2 and scaled by replies / horizon.
+    assert ppo.adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, n_steps=64) == pytest.approx(
+        0.1 * (1 + 0.2 * 64 / 10000)
+    )
+    assert ppo.adapt_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
+    out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4)
+    m = out.record["metrics"]
+    print("ppo tiny:", {k: v for k, v in m.items() if k != "heldout_examples"})
+    assert m["steps"] == 20
+    assert m["heldout_reward"] > m["heldout_reward_before"] + 0.03, m
+    assert m["heldout_kl"] < 10 and m["kl"] < 10, m
+    assert m["heldout_accuracy_before"] is not None and m["heldout_accuracy"] is not None
+    logs = [r for r in _logs(out.output_dir) if "score" in r]
+    assert len(logs) == 20
+    for key in (
+        "score",
+        "non_score_reward",
+        "kl",
+        "clipfrac",
+        "approxkl",
+        "value_loss",
+        "explained_variance",
+        "entropy",
+        "response_length",
+        "first_minibatch/max_ratio_dev",
+    ):
+        assert all(math.isfinite(r[key]) for r in logs), key
+    # On the first minibatch of the first epoch the policy is the one that sampled: ratio 1, nothing clipped.
+    assert all(r["first_minibatch/max_ratio_dev"] < 1e-5 and r["first_minibatch/clipfrac"] == 0 for r in logs)
+    assert out.record["model"]["reference"] == "separate copy of the parent"
+    assert out.record["model"]["value_model"] == f"critic from {chain['reward']}"
+    assert out.record["data"]["tokens_seen"] > 0 and out.record["status"] == "complete"
+    assert (out.output_dir / "model.safetensors").is_file() and (out.output_dir / "README.md").is_file()
+
+
+def test_lora_keeps_base_bit_identical_and_moves_adapter(chain, tmp_path, monkeypatch):
+    seen = {}
+    train = ppo.PPOTrainer.train
+
+    def spy(self, *args, **kwargs):
+        before = {n: p.detach().clone() for n, p in self.model.policy.named_parameters()}
+        result = train(self, *args, **kwargs)
+        after = dict(self.unwrapped.policy.named_parameters())
+        seen["base_changed"] = [n for n in before if "lora_" not in n and not torch.equal(before[n], after[n])]
+        seen["lora_moved"] = [n for n in before if "lora_B" in n and not torch.equal(before[n], after[n])]
+        return result
+
+    monkeypatch.setattr(ppo.PPOTrainer, "train", spy)
+    out = _ppo(
+        chain,
+        tmp_path / "lora",
+        use_peft=True,
+        value_model="head",
+        max_steps=3,
+        learning_rate=1e-3,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    assert seen["base_changed"] == [] and seen["lora_moved"]
+    assert out.record["model"]["reference"] == "adapter-disabled policy"
+    assert out.record["model"]["adapter"]["type"] == "lora"
+    assert (out.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(chain, tmp_path):
+    kw = dict(
+        value_model="head",
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        save_total_limit=2,
+        heldout_max_prompts=8,
+        learning_rate=1e-4,
+    )
+    whole = _ppo(chain, tmp_path / "whole", **kw)
+    # An interrupted run: its folder holds the first checkpoint and the run marker, nothing else.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole.output_dir / "checkpoint-1", cut / "checkpoint-1")
+    (cut / ".hfrecipes-run.json").write_text(json.dumps({"stage": "ppo"}))
+    resumed = _ppo(chain, cut, **kw)
+    assert resumed.record["metrics"]["steps"] == 2
+    assert [r["step"] for r in _logs(cut) if "score" in r] == [2]
+    from safetensors.torch import load_file
+
+    a, b = load_file(whole.output_dir / "model.safetensors"), load_file(cut / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_reward_model_with_another_tokenizer_reads_text(chain, tmp_path):
+    """The reward model re-tokenizes the decoded reply with its own tokenizer; the critic then starts from the
+    policy (a critic must read the policy's tokens)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hfrecipes.tiny import tiny_config
+    from hfrecipes.tiny.corpus import documents
+    from hfrecipes.tiny.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([d["text"] for d in documents(seed=0)[:300]], vocab_size=600)
+    config = tiny_config(vocab_size=len(tok), num_labels=1, pad_token_id=tok.pad_token_id, num_hidden_layers=1)
+    config.architectures = ["LlamaForSequenceClassification"]
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(config)
+    rm_dir = tmp_path / "other-rm"
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    assert len(tok) != len(modeling.load_tokenizer(chain["sft"]))
+
+    out = _ppo(chain, tmp_path / "ppo", reward_model_path=str(rm_dir), max_steps=1, heldout_max_prompts=8)
+    assert out.record["model"]["value_model"] == f"critic from {chain['sft']}"
+    assert math.isfinite(out.record["metrics"]["heldout_reward"])
+    # The score is the reward model's on the re-tokenized text of the reply.
+    scorer = rewards.reward_model_scorer(str(rm_dir))
+    prompt = [{"role": "user", "content": "What is 1 plus 2?"}]
+    text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "1 plus 2 is 3."}], tokenize=False)
+    with torch.no_grad():
+        direct = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+    assert scorer([prompt], [[{"role": "assistant", "content": "1 plus 2 is 3."}]])[0] == pytest.approx(
+        direct, abs=1e-5
+    )
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+
+BAD = [
+    # (overrides, words the message must contain)
+    ({"reward_model_path": None}, ["reward_model_path", "reward_funcs"]),
+    ({"reward_model_path": "SFT"}, ["reward_model_path", "sequence classifier", "LlamaForCausalLM"]),
+    ({"reward_model_path": "/no/such/reward"}, ["reward_model_path", "does not exist"]),
+    ({"reward_funcs": ["accuracy"], "reward_weights": [1.0]}, ["reward_weights", "2 reward"]),
+    ({"reward_funcs": ["no_such_reward"]}, ["no_such_reward", "accuracy"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[w[1] for _, w in BAD])
+def test_bad_input_is_one_clear_error_before_models_load(chain, tmp_path, overrides, words, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(modeling, "load_pretrained", no_loading)
+    overrides = {k: chain["sft"] if v == "SFT" else v for k, v in overrides.items()}
+    with pytest.raises(UsageError) as e:
+        _ppo(chain, tmp_path / "bad", **overrides)
+    for w in words:
+        assert w in str(e.value)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_config_values_are_refused():
+    with pytest.raises(UsageError, match="temperature"):
+        hfrecipes.parse_stage_args("ppo", "tiny/ppo", temperature=0.0)
+    with pytest.raises(UsageError, match="value_model"):
+        hfrecipes.parse_stage_args("ppo", "tiny/ppo", value_model="shared")
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+DRIVER = """
+import hashlib, json, sys
+import torch
+torch.set_num_threads(1)
+import hfrecipes
+from hfrecipes import modeling, rewards
+from hfrecipes.stages import ppo
+
+train = ppo.PPOTrainer.train
+def spy(self, *args, **kwargs):
+    result = train(self, *args, **kwargs)
+    h = hashlib.sha256()
+    for name, p in sorted(self.unwrapped.named_parameters()):
+        h.update(name.encode()); h.update(p.detach().cpu().numpy().tobytes())
+    out = sys.argv[1] + f".rank{self.args.process_index}"
+    open(out, "w").write(h.hexdigest())
+    return result
+ppo.PPOTrainer.train = spy
+hfrecipes.ppo("tiny/ppo", **json.loads(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_weights(chain, tmp_path):
+    import os
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = tmp_path / "ddp"
+    kw = {
+        **FAST,
+        "model_name_or_path": chain["sft"],
+        "reward_model_path": chain["reward"],
+        "output_dir": str(out),
+        "max_steps": 2,
+        "per_device_train_batch_size": 8,
+        "heldout_max_prompts": 8,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(driver),
+        str(tmp_path / "sum"),
+        json.dumps(kw),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(hfrecipes.__file__).parents[1])}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    sums = [(tmp_path / f"sum.rank{i}").read_text() for i in (0, 1)]
+    assert sums[0] == sums[1]
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["compute"]["device"]["count"] == 2
+    assert rec["metrics"]["rollout_batch_size"] == 2 * 8 * 2
