@@ -49,7 +49,9 @@ class SFTTrainer(card.RecordCardMixin, trl.SFTTrainer):
 
 def resolve_loss(training_args: SFTConfig, train_raw) -> bool:
     """Settle assistant_only_loss from the data (on for `messages`); returns whether the data is conversational."""
-    conversational = resolve_loss(training_args, train_raw)
+    conversational = "messages" in train_raw.column_names or trl.is_conversational(train_raw[0])
+    if training_args.assistant_only_loss is None:
+        training_args.assistant_only_loss = "messages" in train_raw.column_names
     if training_args.assistant_only_loss and not conversational:
         raise UsageError(
             "assistant_only_loss: true needs conversational data (`messages`, or prompt/completion as message "
