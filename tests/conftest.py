@@ -1,4 +1,5 @@
-"""Shared fixtures: offline, one thread (stable timings on a shared 2-core machine), one tiny pretrained model."""
+"""Shared fixtures: offline, one thread (stable timings on a shared 2-core machine), one tiny pretrained model and
+one tiny SFT model on top of it, built once per session and reused by every later-stage test."""
 
 from __future__ import annotations
 
@@ -26,3 +27,42 @@ def tiny_pretrained(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stages") / "pretrain"
     return hfrecipes.pretrain("tiny/pretrain", max_steps=80, output_dir=str(out), logging_steps=10, save_steps=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained, tmp_path_factory):
+    """Full SFT of the tiny pretrained model on the addition conversations: the parent of reward and DPO tests."""
+    import hfrecipes
+
+    out = tmp_path_factory.mktemp("stages") / "sft"
+    return hfrecipes.sft(
+        "tiny/sft",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        output_dir=str(out),
+        max_steps=SFT_STEPS,
+        logging_steps=10,
+        save_strategy="no",
+    )
+
+
+SFT_STEPS = 120
+
+
+def capture_trainers(mp: pytest.MonkeyPatch) -> list:
+    """Keep every trainer a stage builds, for inspection: `Trainer.train` is wrapped, not replaced."""
+    from transformers import Trainer
+
+    trainers = []
+    original = Trainer.train
+
+    def train(self, *args, **kwargs):
+        trainers.append(self)
+        return original(self, *args, **kwargs)
+
+    mp.setattr(Trainer, "train", train)
+    return trainers
+
+
+@pytest.fixture
+def captured_trainers(monkeypatch):
+    return capture_trainers(monkeypatch)

@@ -49,9 +49,7 @@ class SFTTrainer(card.OwnsCard, trl.SFTTrainer):
 
 def resolve_loss(training_args: SFTConfig, train_raw) -> bool:
     """Settle assistant_only_loss from the data (on for `messages`); returns whether the data is conversational."""
-    from trl.data_utils import is_conversational
-
-    conversational = is_conversational(train_raw[0])
+    conversational = "messages" in train_raw.column_names or trl.is_conversational(train_raw[0])
     if training_args.assistant_only_loss is None:
         training_args.assistant_only_loss = "messages" in train_raw.column_names
     if training_args.assistant_only_loss and not conversational:

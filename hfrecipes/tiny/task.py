@@ -67,6 +67,33 @@ def sft_rows(pairs: list[tuple[int, int]]) -> list[dict]:
     return [{"messages": conversation(a, b)} for a, b in pairs]
 
 
+def miscopied(n: int, rng: random.Random) -> int:
+    """`n` copied wrong: one digit changed, or the two digits swapped."""
+    while True:
+        digits = list(f"{n:02d}")
+        if rng.random() < 0.5 and digits[0] != digits[1]:
+            digits.reverse()
+        else:
+            digits[rng.randrange(2)] = str(rng.randrange(10))
+        cand = int("".join(digits))
+        if cand != n:
+            return cand
+
+
+def wrong_reply(a: int, b: int, rng: random.Random) -> str:
+    """A wrong reply of one of the kinds small models make, in equal shares: a near miss in the sum (`wrong_sum`),
+    an operand miscopied (the reply adds the wrong numbers correctly), or a sum far off."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return answer(a, b, wrong_sum(a, b, rng))
+    if kind == 1:
+        a2, b2 = (miscopied(a, rng), b) if rng.random() < 0.5 else (a, miscopied(b, rng))
+        return answer(a2, b2)
+    off = rng.randint(20, 60)
+    far = a + b - off if a + b >= off and rng.random() < 0.5 else a + b + off
+    return answer(a, b, far)
+
+
 def preference_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
     rng = random.Random(f"tiny-preference-{seed}")
     rows = []
@@ -75,7 +102,7 @@ def preference_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
             {
                 "prompt": [{"role": "user", "content": question(a, b)}],
                 "chosen": [{"role": "assistant", "content": answer(a, b)}],
-                "rejected": [{"role": "assistant", "content": answer(a, b, wrong_sum(a, b, rng))}],
+                "rejected": [{"role": "assistant", "content": wrong_reply(a, b, rng)}],
             }
         )
     return rows

@@ -1,0 +1,156 @@
+"""SFT trains for real on the tiny task: full, LoRA and QLoRA are recipe switches of one stage.
+
+Full SFT runs once per session (the `tiny_sft` fixture); LoRA and QLoRA runs here are short and start from the
+same pretrained checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import capture_trainers
+from safetensors.torch import load_file
+
+import hfrecipes
+from hfrecipes import record
+from hfrecipes.tiny import task
+
+
+def test_full_sft_loss_falls_and_the_record_chains_to_pretraining(tiny_sft, tiny_pretrained):
+    rec = tiny_sft.record
+    m = rec["metrics"]
+    assert m["last_logged_loss"] < 0.8 * m["first_logged_loss"], m
+    assert m["eval_loss"] < m["first_logged_loss"]
+    assert m["assistant_only_loss"] is True
+    assert rec["status"] == "complete" and rec["stage"] == "sft"
+    assert [r["stage"] for r in record.lineage(rec)] == ["pretrain", "sft"]
+    assert rec["parent"]["run_id"] == tiny_pretrained.record["run_id"]
+    assert rec["model"]["adapter"] is None and rec["model"]["params_trainable"] == rec["model"]["params_total"]
+    assert rec["data"]["tokens_seen"] > 0 and rec["compute"]["flops_6nd"] > 0
+    assert rec["data"]["model_cutoff"]["date"] == tiny_pretrained.record["data"]["model_cutoff"]["date"]
+    out = tiny_sft.output_dir
+    assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
+    assert "hfrecipes-sft" in (out / "README.md").read_text()  # our card, not TRL's
+    assert not (out / record.MARKER).exists()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pretrained, tmp_path_factory):
+    """A short LoRA SFT run, with its trainer kept for inspection."""
+    with pytest.MonkeyPatch.context() as mp:
+        trainers = capture_trainers(mp)
+        result = hfrecipes.sft(
+            "tiny/sft_lora",
+            model_name_or_path=str(tiny_pretrained.output_dir),
+            output_dir=str(tmp_path_factory.mktemp("sft") / "lora"),
+            max_steps=20,
+            logging_steps=5,
+            max_train_samples=640,
+            save_strategy="no",
+        )
+    return result, trainers[0]
+
+
+def test_loss_mask_covers_assistant_tokens_only(lora_run):
+    _, trainer = lora_run
+    tok = trainer.processing_class
+    rows = [trainer.train_dataset[i] for i in range(8)]
+    batch = trainer.data_collator(rows)
+    seen = 0
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        text = tok.decode(ids[ids != tok.pad_token_id])
+        question = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        a, b = (int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" plus "))
+        trained = tok.decode(ids[labels != -100])
+        assert trained == task.answer(a, b) + tok.eos_token, (text, trained)
+        seen += 1
+    assert seen == 8
+
+
+def test_lora_leaves_base_bit_identical_and_moves_the_adapter(lora_run, tiny_pretrained):
+    result, trainer = lora_run
+    base = load_file(tiny_pretrained.output_dir / "model.safetensors")
+    trained = {k: v for k, v in trainer.model.state_dict().items() if "lora_" not in k}
+    compared = 0
+    for name, value in trained.items():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if key in base:
+            assert torch.equal(base[key], value.cpu()), f"base weight {key} changed under LoRA"
+            compared += 1
+    assert compared >= len(base) - 1  # every base tensor (lm_head is tied to the embedding)
+    adapter = load_file(result.output_dir / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
+    assert not (result.output_dir / "model.safetensors").exists(), "a LoRA stage saves only the adapter"
+    rec = result.record
+    assert rec["model"]["adapter"]["type"] == "lora" and rec["model"]["adapter"]["r"] == 16
+    assert rec["model"]["params_trainable"] < rec["model"]["params_total"] / 5
+    assert rec["metrics"]["last_logged_loss"] < rec["metrics"]["first_logged_loss"]
+
+
+def test_saved_adapter_reloads_with_peft(lora_run, tiny_pretrained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result, trainer = lora_run
+    config = json.loads((result.output_dir / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained.output_dir)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir).eval()
+    trained = trainer.model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)
+        with reloaded.disable_adapter():
+            assert not torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-3)
+
+
+def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, captured_trainers):
+    import bitsandbytes as bnb
+
+    result = hfrecipes.sft(
+        "tiny/sft_lora",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        output_dir=str(tmp_path / "qlora"),
+        load_in_4bit=True,
+        max_steps=12,
+        logging_steps=4,
+        max_train_samples=384,
+        save_strategy="no",
+    )
+    model = captured_trainers[0].model
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "the base is not 4-bit"
+    assert model.base_model.model.config.quantization_config.bnb_4bit_quant_type == "nf4"
+    rec = result.record
+    assert rec["model"]["adapter"]["type"] == "qlora" and rec["model"]["adapter"]["base_quantization"] == "4-bit nf4"
+    assert rec["metrics"]["last_logged_loss"] < rec["metrics"]["first_logged_loss"], rec["metrics"]
+    adapter = load_file(result.output_dir / "adapter_model.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_prompt_completion_file_with_column_mapping(tiny_pretrained, tmp_path, captured_trainers):
+    """A local jsonl whose columns have other names: mapped in the recipe, loss on the completion only."""
+    rows = [{"question": task.question(a, b), "reply": task.answer(a, b)} for a, b in task.split_pairs()["sft"][:64]]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = hfrecipes.sft(
+        "tiny/sft",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        output_dir=str(tmp_path / "pc"),
+        dataset_name=str(data),
+        dataset_columns={"prompt": "question", "completion": "reply"},
+        assistant_only_loss=None,  # the recipe's `true` is for conversations; unset, the data decides
+        max_steps=2,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+    )
+    assert result.record["metrics"]["completion_only_loss"] is True
+    assert result.record["metrics"]["assistant_only_loss"] is False
+    trainer = captured_trainers[0]
+    tok = trainer.processing_class
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        trained = tok.decode(ids[labels != -100])
+        assert trained.endswith(tok.eos_token) and " plus " in trained and "What is" not in trained, trained
