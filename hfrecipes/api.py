@@ -22,10 +22,11 @@ def parse_stage_args(stage: str, recipe: str | Path | None, cli_args: list[str] 
 
 def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None = None, **overrides) -> StageResult:
     """Run one stage from a recipe (a path or a bundled name) with keyword overrides of any recipe key."""
-    from hfrecipes import hub
+    from hfrecipes import hub, modeling
     from hfrecipes.stages import get_stage
 
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
+    modeling.check_device(resolved["values"])
     push_to = hub.take_over_push(*args)
     output_dir, rec = get_stage(stage).run(*args, recipe=resolved)
     if push_to and all(getattr(a, "process_index", 0) == 0 for a in args):

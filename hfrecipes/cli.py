@@ -5,6 +5,8 @@ hfrecipes check tiny/pretrain
 hfrecipes pretrain --config tiny/pretrain --max_steps 50
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
+hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft
+hfrecipes accelerate-config zero3
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STAGE.KEY=VALUE",
         help="override a recipe key of one stage, or of every stage with '*' (repeatable)",
     )
+    names = "ddp, fsdp2, zero2, zero3 (recipes/accelerate/) or a YAML path"
+    acc = sub.add_parser("accelerate-config", help="print the path of a bundled accelerate config")
+    acc.add_argument("name", help=names)
+    launch = sub.add_parser(
+        "launch",
+        help="run a stage under `accelerate launch` with a bundled config: launch zero3 [FLAGS] -- dpo --config ...",
+    )
+    launch.add_argument("name", help=names)
+    launch.add_argument("rest", nargs=argparse.REMAINDER, help="accelerate flags, then --, then the stage command")
     for stage in STAGES:
         sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
@@ -119,6 +130,45 @@ def _check(names: list[str], stage: str | None) -> None:
         else:
             parse_stage_args(st, path)
         print(f"ok  {st:<9} {path if not str(path).startswith(str(recipes_root())) else name}")
+
+
+def accelerate_config(name: str) -> Path:
+    """A bundled accelerate config by name (`zero3` -> recipes/accelerate/zero3.yaml), or a YAML path, checked with
+    accelerate's own loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from hfrecipes.recipe import recipes_root
+
+    folder = recipes_root() / "accelerate"
+    path = Path(name).expanduser()
+    if not path.is_file():
+        path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise UsageError(f"accelerate config '{name}' not found: it is neither a file nor one of {known}.")
+    try:
+        load_config_from_file(str(path))
+    except Exception as e:  # accelerate raises bare ValueError/KeyError/TypeError on a bad config
+        raise UsageError(f"{path}: not a valid accelerate config ({type(e).__name__}: {e}).") from None
+    return path
+
+
+def _launch(name: str, rest: list[str]) -> int:
+    """`accelerate launch --config_file <config> [FLAGS] -m hfrecipes <stage command>`; returns its exit code."""
+    import subprocess
+
+    config = accelerate_config(name)
+    cut = rest.index("--") if "--" in rest else -1  # argparse drops a '--' that directly follows the name
+    flags, command = rest[: max(cut, 0)], rest[cut + 1 :]
+    if not command or command[0] not in STAGES:
+        raise UsageError(
+            f"launch runs a stage after '--' (hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft): one "
+            f"of {', '.join(STAGES)}; got {command[0] if command else 'nothing'}."
+        )
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
+    cmd += ["-m", "hfrecipes", *command]
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd).returncode
 
 
 def _cost(args: argparse.Namespace) -> None:
@@ -200,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = lifecycle(args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set))
             print((Path(summary["run_dir"]) / "summary.md").read_text())
             return 0
+        if args.command == "accelerate-config":
+            print(accelerate_config(args.name))
+            return 0
+        if args.command == "launch":
+            return _launch(args.name, args.rest)
         if args.command == "check":
             _check(args.recipes, args.stage)
             return 0

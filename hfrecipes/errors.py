@@ -3,3 +3,7 @@
 
 class UsageError(Exception):
     """Bad input found before expensive work: the message names the file or field and the fix."""
+
+
+class NonFiniteLoss(UsageError):
+    """Training diverged (nan or inf loss): the stage stops, its last good checkpoint kept, no record written."""

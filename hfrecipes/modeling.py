@@ -56,6 +56,33 @@ def apply_device_defaults(args) -> None:
     args.fp16 = False
 
 
+def check_device(values: dict[str, Any]) -> None:
+    """A recipe that asks for hardware this machine lacks stops here, before anything loads. Unset precision
+    falls back to fp32 on a CPU-only machine (`apply_device_defaults`); an explicit `bf16: true` or `fp16: true`
+    there is refused rather than silently dropped."""
+    import torch
+
+    if values.get("use_cpu"):
+        return
+    for key in ("bf16", "fp16", "tf32"):
+        if values.get(key) and not has_accelerator():
+            raise UsageError(
+                f"{key}: true needs a GPU, and this machine has none (torch sees no CUDA, XPU or MPS device). "
+                f"Remove {key} (CPU training runs in fp32) or run on a machine with a GPU."
+            )
+    if values.get("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UsageError("bf16: true, but this GPU does not support bf16. Set fp16: true instead, or remove bf16.")
+
+
+def check_vocab(tokenizer, vocab_size: int | None, name: str) -> None:
+    """A tokenizer whose ids go past the model's embedding table would index out of range at the first batch."""
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise UsageError(
+            f"the tokenizer of '{name}' has {len(tokenizer)} tokens but the model's vocabulary (vocab_size) has "
+            f"{vocab_size}: they do not belong together. Use the tokenizer saved with the model."
+        )
+
+
 def load_tokenizer(
     name_or_path: str, trust_remote_code: bool = False, revision: str | None = None, gguf_file: str | None = None
 ):
@@ -148,6 +175,14 @@ def check_model_args(model_args, parent_stage: str | None = None) -> None:
         raise UsageError(f"model_name_or_path is required: the checkpoint this stage starts from{hint}.")
     check_model_path(model_args.model_name_or_path)
     source, gguf = model_source(model_args)
+    folder = Path(source).expanduser()
+    pickled = [p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth")] if folder.is_dir() else []
+    if pickled and not gguf and not any(folder.glob("*.safetensors")) and not model_args.allow_pickle_weights:
+        raise UsageError(
+            f"model_name_or_path '{source}' holds pickled weights only ({', '.join(sorted(pickled))}); loading a "
+            "pickle can run arbitrary code. Convert them to safetensors, or set allow_pickle_weights: true if you "
+            "trust their source."
+        )
     if gguf and Path(source).expanduser().is_dir() and not Path(gguf).expanduser().is_file():
         raise UsageError(f"gguf_file '{gguf}' does not exist. Check the path, or leave gguf_file unset.")
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
@@ -230,7 +265,14 @@ def _drop_gguf_quantizer(model) -> None:
 def load_stage_tokenizer(model_args):
     """The tokenizer that belongs to model_name_or_path (or to its GGUF file)."""
     source, gguf = model_source(model_args)
-    return load_tokenizer(source, model_args.trust_remote_code, model_args.model_revision, gguf_file=gguf)
+    tok = load_tokenizer(source, model_args.trust_remote_code, model_args.model_revision, gguf_file=gguf)
+    config = Path(source).expanduser() / "config.json"
+    if not gguf and config.is_file():
+        import json
+
+        text = json.loads(config.read_text())
+        check_vocab(tok, text.get("vocab_size", text.get("text_config", {}).get("vocab_size")), source)
+    return tok
 
 
 def adapter_summary(model, model_args) -> dict[str, Any] | None:

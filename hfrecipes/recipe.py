@@ -71,7 +71,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML ({e}). Fix the syntax at the line named.") from None
+        error = " ".join(str(e).split())  # one line: YAML errors span several
+        raise UsageError(f"{path}: not valid YAML ({error}). Fix the syntax at the line named.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -186,6 +187,53 @@ def check_values(values: dict[str, Any], dataclass_types, source: str) -> dict[s
     return checked
 
 
+# Hyperparameters out of range, as (lowest, highest, lowest allowed, highest allowed): the libraries accept many
+# of these silently (a negative learning rate trains backwards) or fail deep inside training.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "learning_rate": (0, None, False, True),
+    "per_device_train_batch_size": (1, None, True, True),
+    "per_device_eval_batch_size": (1, None, True, True),
+    "gradient_accumulation_steps": (1, None, True, True),
+    "num_train_epochs": (0, None, False, True),
+    "warmup_ratio": (0, 1, True, True),
+    "warmup_steps": (0, None, True, True),
+    "weight_decay": (0, None, True, True),
+    "max_grad_norm": (0, None, True, True),
+    "adam_beta1": (0, 1, True, False),
+    "adam_beta2": (0, 1, True, False),
+    "adam_epsilon": (0, None, False, True),
+    "logging_steps": (0, None, False, True),
+    "save_steps": (0, None, False, True),
+    "lora_r": (1, None, True, True),
+    "lora_alpha": (0, None, False, True),
+    "lora_dropout": (0, 1, True, False),
+    "beta": (0, None, True, True),
+    "temperature": (0, None, False, True),
+    "top_p": (0, 1, False, True),
+    "num_generations": (2, None, True, True),
+    "max_length": (1, None, True, True),
+    "max_completion_length": (1, None, True, True),
+    "block_size": (2, None, True, True),
+    "max_train_samples": (1, None, True, True),
+    "tokenizer_vocab_size": (32, None, True, True),
+}
+
+
+def check_ranges(values: dict[str, Any], source: str) -> None:
+    """Refuse a hyperparameter the user set outside its range, naming the key, the value and the range."""
+    for key, (low, high, low_ok, high_ok) in RANGES.items():
+        value = values.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        below = low is not None and (value < low or (value == low and not low_ok))
+        above = high is not None and (value > high or (value == high and not high_ok))
+        if below or above:
+            left = "[" if low_ok else "("
+            right = "]" if high_ok else ")"
+            span = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+            raise UsageError(f"{source}: key '{key}' has value {value!r}, expected a number in {span}.")
+
+
 def _strict_parser(dataclass_types):
     """HfArgumentParser whose errors are UsageErrors naming the flag, not a usage dump and a SystemExit."""
     from transformers import HfArgumentParser
@@ -232,6 +280,7 @@ def parse(
         if arg.startswith("--") and name in known:
             cli_set[name] = getattr(namespace, name)
     values.update(cli_set)
+    check_ranges(values, source)
     if values.get("hub_token"):
         raise UsageError(
             f"{source}: hub_token is not read from recipes, overrides or flags: the run would save it (record.json, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import math
 import os
 import platform
 import tempfile
@@ -16,11 +18,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from hfrecipes.errors import UsageError
+from hfrecipes.errors import NonFiniteLoss, UsageError
 
 RECORD = "record.json"
 MARKER = ".hfrecipes-run.json"
 SCHEMA_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 def now() -> str:
@@ -99,11 +103,39 @@ def check_output_dir(output_dir: str | Path, stage: str) -> str | None:
             f"output_dir '{out}' holds an unfinished '{info.get('stage')}' run, not a '{stage}' run. "
             "Set output_dir to another folder."
         )
+    return last_checkpoint(out)
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete `checkpoint-N` in a stage folder, or None; incomplete ones are named and skipped."""
     checkpoints = sorted(
         (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
-    return str(checkpoints[-1]) if checkpoints else None
+    complete = [p for p in checkpoints if checkpoint_is_complete(p)]
+    for p in checkpoints:
+        if p not in complete:
+            logger.warning("%s is incomplete (killed while saving?): it is skipped on resume", p)
+    return str(complete[-1]) if complete else None
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """Trainer writes a checkpoint file by file, `trainer_state.json` last: a kill during a save leaves a folder
+    without it, or with a weights file cut short (its safetensors header no longer covers the file). Such a folder
+    is skipped, so the previous checkpoint is resumed."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    for path in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="numpy"):
+                pass
+        except (SafetensorError, OSError):
+            return False
+    return True
 
 
 def start_run(output_dir: str | Path, stage: str, is_main: bool = True) -> None:
@@ -226,6 +258,40 @@ def metrics_callback(output_dir: str | Path):
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
     return MetricsCallback()
+
+
+def finite_loss_callback(output_dir: str | Path):
+    """A trainer callback that stops the stage when a logged loss is nan or inf, or, before a checkpoint is saved,
+    when a trainable weight is: the last good checkpoint stays the newest, and no final model or record is written.
+    Every rank sees the same (gathered) logs, so every rank stops."""
+    from transformers import TrainerCallback
+
+    out = Path(output_dir)
+
+    def stop(step: int, what: str):
+        good = last_checkpoint(out)
+        kept = f"the last good checkpoint, {good}, is kept" if good else "no checkpoint was saved before it"
+        raise NonFiniteLoss(
+            f"{what} at step {step}: training stopped; {kept}, and no final model or record was written. Lower "
+            "learning_rate, set max_grad_norm, or check the data; rerunning the same command resumes from the "
+            "last checkpoint."
+        )
+
+    class FiniteLossCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "train_loss"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    stop(state.global_step, f"the training loss is {value}")
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None:
+                import torch
+
+                if any(not torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                    stop(state.global_step, "a trainable weight is nan or inf")
+
+    return FiniteLossCallback()
 
 
 def dataset_entry(name: str, split: str, raw, prepared=None) -> dict[str, Any]:

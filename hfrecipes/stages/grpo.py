@@ -133,7 +133,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
         train_dataset=train_raw,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(model_args),
-        callbacks=[record.metrics_callback(output_dir)],
+        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
     )
     rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
     rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)

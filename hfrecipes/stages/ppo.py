@@ -816,7 +816,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
         reward_scorer=scorer,
         reward_funcs=reward_funcs,
         train_dataset=train_raw,
-        callbacks=[record.metrics_callback(output_dir)],
+        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
     )
     rec["model"] = record.model_summary(policy, model_args.model_name_or_path)
     rec["model"]["adapter"] = modeling.adapter_summary(policy, model_args)

@@ -144,6 +144,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     # Model: random weights from a config, or a checkpoint to continue from.
     if model_args.model_name_or_path:
         model = modeling.load_causal_lm(model_args)
+        modeling.check_vocab(tokenizer, model.get_input_embeddings().num_embeddings, model_args.model_name_or_path)
         source = model_args.model_name_or_path
     else:
         config = modeling.config_from(
@@ -164,7 +165,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[record.metrics_callback(output_dir)],
+        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
     )
     start = time.perf_counter()
     with measured_emissions(output_dir, enabled=trainer.is_world_process_zero()) as co2:
