@@ -23,7 +23,15 @@ logger = logging.getLogger(__name__)
 
 # Not part of the model: checkpoints, the run marker, half-written temporary files, pickled training arguments
 # (record.json holds the resolved recipe) and trainer logs.
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", record.MARKER, "*.tmp", "training_args.bin", "runs/**"]
+IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    record.MARKER,
+    "*.tmp",
+    "training_args.bin",
+    "runs/**",
+    "merged/**",  # the merged copy a LoRA stage keeps for the stages after it (modeling.py)
+]
 
 
 def take_over_push(*dataclasses) -> dict[str, Any] | None:

@@ -218,6 +218,8 @@ def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = Non
 
     check_model_args(model_args)
     source, gguf = model_source(model_args)
+    if (Path(source).expanduser() / "adapter_config.json").is_file():
+        return _load_adapter_parent(model_args, source, head, dtype, **kwargs)
     quantization = get_quantization_config(model_args)
     extra = dict(kwargs)
     if quantization is not None:
@@ -241,6 +243,44 @@ def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = Non
     if gguf:
         _drop_gguf_quantizer(model)
     return model
+
+
+MERGED = "merged"
+
+
+def _load_adapter_parent(model_args, source: str, head: str, dtype: str | None, **kwargs):
+    """A parent stage that saved a LoRA adapter: its adapter is merged into its base once, into `<parent>/merged`
+    (shared by every stage that starts from that parent, and the base its own adapters point to), then loaded like
+    any checkpoint, so this stage can add its own LoRA, quantize for QLoRA, or put a reward head on top."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from accelerate import PartialState
+
+    from hfrecipes.exporting import check_stage_dir, load_merged
+    from hfrecipes.record import RECORD
+
+    parent = Path(source).expanduser()
+    merged_dir = parent / MERGED
+    with PartialState().main_process_first():
+        if not (merged_dir / "config.json").is_file():
+            check_stage_dir(parent)
+            merged, tok = load_merged(parent, model_args.dtype or "auto", model_args.trust_remote_code)
+            tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{MERGED}.tmp-"))
+            try:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+                if (parent / RECORD).is_file():  # the lineage goes on through the merged copy
+                    shutil.copy2(parent / RECORD, tmp / RECORD)
+                tmp.rename(merged_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            del merged
+    return load_pretrained(
+        dataclasses.replace(model_args, model_name_or_path=str(merged_dir), gguf_file=None), head, dtype, **kwargs
+    )
 
 
 def kbit_device_map():

@@ -243,3 +243,38 @@ def test_vllm_greedy_tokens_equal_transformers(tiny_pretrained, tmp_path):
         out.output_dir, ["We count: 1, 2,", "Tom saw a"], engine="vllm", max_new_tokens=8, record_stats=False
     )
     assert stats["engine"] == "vllm" and stats["generated_tokens"] > 0
+
+
+def test_a_stage_can_start_from_a_lora_stage(lora_stage, tmp_path):
+    """A LoRA parent is merged into its base before the next stage loads it: DPO with its own LoRA, a reward head."""
+    import torch
+    from safetensors.torch import load_file
+
+    dpo = hfrecipes.dpo(
+        "tiny/dpo_lora",
+        model_name_or_path=str(lora_stage),
+        max_steps=2,
+        save_strategy="no",
+        output_dir=str(tmp_path / "dpo"),
+        max_train_samples=16,
+        dataset_test_split="",
+    )
+    assert dpo.record["parent"]["stage"] == "sft" and (dpo.output_dir / "adapter_model.safetensors").is_file()
+    base = json.loads((dpo.output_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(lora_stage / "merged")  # the parent merged once, kept for every stage after it
+    assert hfrecipes.export(dpo.output_dir, tmp_path / "dpo-exp", verify_load=False).record["model"]["merged_adapter"]
+    merged_parent = hfrecipes.export(lora_stage, tmp_path / "merged", verify_load=False).output_dir
+    rm = hfrecipes.reward(
+        "tiny/reward",
+        model_name_or_path=str(lora_stage),
+        max_steps=1,
+        save_strategy="no",
+        output_dir=str(tmp_path / "rm"),
+        max_train_samples=8,
+        dataset_test_split="",
+        learning_rate=1e-12,
+    )
+    body = load_file(rm.output_dir / "model.safetensors")
+    parent = load_file(merged_parent / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.allclose(body[key], parent[key], atol=1e-5)  # the reward body starts from the merged weights
