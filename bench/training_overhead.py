@@ -13,8 +13,8 @@ step, so a burst of load from other processes hits both. The losses:
 - reward: Bradley-Terry, -log sigmoid(score(chosen) - score(rejected)), scores from a one-output head;
 - dpo: sigmoid DPO against a frozen reference copy (reference log-probs computed under no_grad every step).
 TRL's SFT and DPO trainers compute log-probabilities through their own fused LM head (in tiles, only at trained
-positions, with entropy and top-1 for the logs); the `sft-fusedhead` row gives the hand loop that head too, so the
-gap it closes is the head's cost, not the stage's.
+positions, with entropy and top-1 for the logs); the `-fusedhead` rows give the hand loop that head too, so the gap
+they close is the head's cost, not the stage's.
 Steady-state seconds per step are medians of the step times after the first `--skip` steps, over `--repeats` runs.
 The 10th percentile of all steps of a side is
 shown too: other processes only ever add time, so it compares the quiet moments of both sides.
@@ -50,11 +50,15 @@ class HandLoop:
             self.model.config.pad_token_id = load_tokenizer(self.parent).pad_token_id
         else:
             self.model = AutoModelForCausalLM.from_pretrained(self.parent)
-        if self.fused_head:  # TRL's SFT head: log-probs, entropy and top-1 of the trained positions, in tiles
+        self.ref = AutoModelForCausalLM.from_pretrained(self.parent).eval() if self.stage == "dpo" else None
+        if self.fused_head:  # TRL's heads: log-probs (SFT: with entropy and top-1) of the trained positions, in tiles
             from trl.trainer.utils import add_fused_lm_head
 
-            add_fused_lm_head(self.model, outputs=("log_probs", "entropy", "is_top1"))
-        self.ref = AutoModelForCausalLM.from_pretrained(self.parent).eval() if self.stage == "dpo" else None
+            if self.stage == "sft":
+                add_fused_lm_head(self.model, outputs=("log_probs", "entropy", "is_top1"))
+            else:
+                add_fused_lm_head(self.model)
+                add_fused_lm_head(self.ref)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0)
         self.beta = getattr(args, "beta", 0.1)
@@ -69,6 +73,12 @@ class HandLoop:
     def logps(self, m, b):
         import torch
 
+        if self.fused_head:
+            labels = b["input_ids"].masked_fill(b["completion_mask"] == 0, -100)
+            ids, mask = b["input_ids"], b["attention_mask"]
+            return m(
+                input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True
+            ).log_probs.sum(-1)
         logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits[:, :-1]
         tok = torch.gather(logits.log_softmax(-1), 2, b["input_ids"][:, 1:, None]).squeeze(2)
         return (tok * b["completion_mask"][:, 1:]).sum(-1)
@@ -118,7 +128,7 @@ def run_pair(name: str, parent: str, steps: int, batch: int, workdir: str, i: in
     )
     if stage == "dpo":
         overrides.update(loss_type=["sigmoid"], loss_weights=None)
-    loop = HandLoop(stage, parent, fused_head=name == "sft-fusedhead")
+    loop = HandLoop(stage, parent, fused_head=name.endswith("-fusedhead"))
     with timed_steps(on_begin=loop.begin, after_step=loop.step) as times:
         getattr(hfrecipes, stage)(f"tiny/{stage}", **overrides)
     return times, loop
@@ -129,8 +139,8 @@ def main() -> None:
     p.add_argument(
         "--stages",
         nargs="+",
-        default=["sft", "sft-fusedhead", "reward", "dpo"],
-        help="sft-fusedhead: the sft stage against a loop that uses TRL's fused LM head too",
+        default=["sft", "sft-fusedhead", "reward", "dpo", "dpo-fusedhead"],
+        help="sft-fusedhead, dpo-fusedhead: the stage against a loop that uses TRL's fused LM head too",
     )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the medians")
