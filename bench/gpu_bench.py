@@ -148,7 +148,8 @@ def cmd_pretrain(args) -> None:
         layers, hidden = shape["num_hidden_layers"], shape["hidden_size"]
         flops = (6 * n + 12 * layers * hidden * seq) * tps
         mfu = flops / peak if peak else float("nan")
-        print(f"{variant:<22}{tps:>12.0f}{mfu:>15.1%}{flops / rate:>19.1%}{mem:>10.1f}")
+        nominal = f"{mfu:.1%}" if peak else "n/a"
+        print(f"{variant:<22}{tps:>12.0f}{nominal:>15}{flops / rate:>19.1%}{mem:>10.1f}")
         if best is None or tps > best[1]:
             best = (variant, tps, mfu, flops / rate)
     print(
@@ -157,7 +158,8 @@ def cmd_pretrain(args) -> None:
     )
     if best:
         print(
-            f"summary pretrain: best {best[0]} at {best[1]:.0f} tokens/s, MFU {best[2]:.1%} of nominal peak, "
+            f"summary pretrain: best {best[0]} at {best[1]:.0f} tokens/s, MFU "
+            f"{f'{best[2]:.1%}' if peak else 'n/a'} of the nominal peak, "
             f"{best[3]:.1%} of the measured matmul rate (target on an H100: >= 40%)"
         )
 
