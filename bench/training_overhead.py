@@ -1,7 +1,7 @@
 """Training overhead: the sft, reward and dpo stages' step time against a hand-written PyTorch loop doing the same
 work on the same batches, in the same run; and each side's model FLOP utilisation against the measured matmul rate.
 
-    python bench/training_overhead.py                      # all three stages, ~2-3 min on one CPU core
+    python bench/training_overhead.py                      # sft, reward, dpo (+ fused-head rows), ~2-4 min
     python bench/training_overhead.py --stages sft --steps 40 --repeats 3
 
 Each stage runs from its bundled tiny recipe (parents: a few-step tiny pretrain and SFT made first). A callback
@@ -16,8 +16,8 @@ TRL's SFT and DPO trainers compute log-probabilities through their own fused LM 
 positions, with entropy and top-1 for the logs); the `-fusedhead` rows give the hand loop that head too, so the gap
 they close is the head's cost, not the stage's.
 Steady-state seconds per step are medians of the step times after the first `--skip` steps, over `--repeats` runs.
-The 10th percentile of all steps of a side is
-shown too: other processes only ever add time, so it compares the quiet moments of both sides.
+The 10th percentile of all steps of a side is shown too: other processes only ever add time, so it compares the
+quiet moments of both sides.
 """
 
 from __future__ import annotations
