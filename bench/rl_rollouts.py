@@ -1,0 +1,125 @@
+"""RL rollouts: the share of a GRPO step and of a PPO step spent generating replies, on the tiny task.
+
+    python bench/rl_rollouts.py                    # ~2 min on one CPU core
+    python bench/rl_rollouts.py --grpo_steps 10 --ppo_steps 4
+
+Both stages run from their bundled tiny recipes (GRPO: 8 prompts x 8 replies a step; PPO: 64 replies a step, 4 PPO
+epochs x 4 minibatches) on parents made first (a few-step tiny pretrain, SFT and reward model). Every call of
+`generate` (transformers' `GenerationMixin.generate`, which both stages use without vLLM) is timed; a step's
+generation share is the generation time between its start and end over the step's time, as the median over the
+steps after the first. vLLM generation (TRL's `use_vllm`, colocate mode) is a GPU measurement: see `bench/gpu.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+
+from bench.common import median, parents, timed_steps
+
+
+@contextlib.contextmanager
+def timed_generate():
+    """Yields a list that collects (start, end) of every `generate` call made inside the block."""
+    from transformers.generation.utils import GenerationMixin
+
+    calls: list[tuple[float, float]] = []
+    original = GenerationMixin.generate
+
+    def generate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            calls.append((start, time.perf_counter()))
+
+    GenerationMixin.generate = generate
+    try:
+        yield calls
+    finally:
+        GenerationMixin.generate = original
+
+
+def shares(stamps: list[float], begins: list[float], calls: list[tuple[float, float]], skip: int):
+    """(seconds per step, generation seconds per step) of each step after the first `skip`."""
+    out = []
+    for i in range(skip, len(stamps)):
+        begin, end = begins[i], stamps[i]
+        gen = sum(min(e, end) - max(s, begin) for s, e in calls if e > begin and s < end)
+        out.append((end - begin, gen))
+    return out
+
+
+def run_stage(stage: str, steps: int, overrides: dict, skip: int):
+    import hfrecipes
+    from hfrecipes import record
+
+    begins: list[float] = []
+    with timed_steps() as times, timed_generate() as calls:
+        timed = record.metrics_callback  # the step-end timer of bench.common; step begins are added here
+
+        def with_begin(output_dir):
+            cb = timed(output_dir)
+            cb.on_step_begin = lambda *a, **k: begins.append(time.perf_counter())
+            return cb
+
+        record.metrics_callback = with_begin
+        try:
+            getattr(hfrecipes, stage)(f"tiny/{stage}", max_steps=steps, **overrides)
+        finally:
+            record.metrics_callback = timed
+    return shares(times.stamps, begins, calls, skip)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grpo_steps", type=int, default=8)
+    p.add_argument("--ppo_steps", type=int, default=4)
+    p.add_argument("--skip", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+
+    import torch
+
+    import hfrecipes
+
+    torch.set_num_threads(args.threads)
+    quiet = dict(save_strategy="no", report_to="none", dataset_test_split="")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        _, sft = parents(tmp)
+        rm = hfrecipes.reward("tiny/reward", model_name_or_path=sft, max_steps=5, output_dir=f"{tmp}/reward", **quiet)
+        rows["grpo"] = run_stage(
+            "grpo",
+            args.grpo_steps,
+            dict(model_name_or_path=sft, output_dir=f"{tmp}/grpo", eval_before=False, **quiet),
+            args.skip,
+        )
+        rows["ppo"] = run_stage(
+            "ppo",
+            args.ppo_steps,
+            dict(model_name_or_path=sft, reward_model_path=str(rm.output_dir), output_dir=f"{tmp}/ppo", **quiet),
+            args.skip,
+        )
+
+    print(
+        f"tiny task, transformers generation (no vLLM); torch threads {args.threads}; "
+        f"first {args.skip} step(s) skipped"
+    )
+    print(f"{'stage':<8}{'steps':>6}{'s/step':>10}{'generate s/step':>17}{'generation share':>18}{'rest s/step':>13}")
+    summary = []
+    for stage, steps in rows.items():
+        total, gen = median([s for s, _ in steps]), median([g for _, g in steps])
+        share = median([g / s for s, g in steps])
+        summary.append(f"{stage} {share:.0%}")
+        print(f"{stage:<8}{len(steps):>6}{total:>10.3f}{gen:>17.3f}{share:>18.1%}{total - gen:>13.3f}")
+    print(
+        f"summary: generation takes {', '.join(summary)} of a step (transformers generate, CPU); the vLLM gain is "
+        "measured on a GPU only (bench/gpu.sh)"
+    )
+
+
+if __name__ == "__main__":
+    main()
