@@ -32,7 +32,7 @@ def test_full_sft_loss_falls_and_the_record_chains_to_pretraining(tiny_sft, tiny
     assert rec["data"]["model_cutoff"]["date"] == tiny_pretrained.record["data"]["model_cutoff"]["date"]
     out = tiny_sft.output_dir
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
-    assert "hfrecipes-sft" in (out / "README.md").read_text()  # our card, not TRL's
+    assert "- hfrecipes\n- sft\n" in (out / "README.md").read_text()  # our card, not TRL's
     assert not (out / record.MARKER).exists()
 
 
