@@ -27,6 +27,10 @@ FAST = dict(
     heldout_max_prompts=96,
     save_strategy="no",
     logging_steps=1,
+    # the reward model alone, with the light KL these tests were sized for (the tiny recipe adds an accuracy reward)
+    reward_funcs=None,
+    dataset_columns=None,
+    kl_coef=0.05,
 )
 
 
