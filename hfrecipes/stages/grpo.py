@@ -123,7 +123,10 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     test_raw = as_chat(test_raw, training_args.system_prompt, tokenizer)
     record.start_run(output_dir, STAGE, training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
-    before = heldout(model, tokenizer, test_raw, training_args) if training_args.eval_before else {}
+    # Held-out evaluation runs on the main process only (the others wait at their first collective), so ranks do
+    # not generate the same replies twice nor race to install the `evaluate` metric module.
+    main = training_args.process_index == 0
+    before = heldout(model, tokenizer, test_raw, training_args) if training_args.eval_before and main else {}
 
     # Trainer.
     trainer = GRPOTrainer(
@@ -140,7 +143,9 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - start
-    after = heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, test_raw, training_args)
+    after = (
+        heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, test_raw, training_args) if main else {}
+    )
 
     # Save: model (or adapter), tokenizer, record, card (main process only).
     trainer.save_model(str(output_dir))
