@@ -315,8 +315,11 @@ def finish_record(
     datasets: list[dict[str, Any]],
     stage_cutoff: dict[str, Any],
     metrics: dict[str, Any],
+    script_args: Any = None,
 ) -> dict[str, Any]:
     """Fill data, compute and metrics of a fine-tuning stage's record from its trainer, and mark it complete.
+
+    `script_args` carries the recipe's cost overrides (device price, power, PUE, grid intensity) to `compute_summary`.
 
     Tokens seen are TRL's own count (`num_tokens`, every token of every sequence the model read); examples are
     optimizer steps x global batch (a preference pair is one example).
@@ -337,7 +340,12 @@ def finish_record(
         "model_cutoff": model_cutoff(stage_cutoff, rec.get("parent"), rec["stage"]),
     }
     rec["compute"] = compute_summary(
-        rec["model"]["params_total"], tokens, trainer.state.total_flos, wall_seconds, device_info(args.world_size)
+        rec["model"]["params_total"],
+        tokens,
+        trainer.state.total_flos,
+        wall_seconds,
+        device_info(args.world_size),
+        script_args=script_args,
     )
     rec["metrics"] = {
         "steps": steps,

@@ -154,3 +154,19 @@ def test_prompt_completion_file_with_column_mapping(tiny_pretrained, tmp_path, c
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         trained = tok.decode(ids[labels != -100])
         assert trained.endswith(tok.eos_token) and " plus " in trained and "What is" not in trained, trained
+
+
+def test_recipe_cost_overrides_reach_a_fine_tuning_record(tiny_pretrained, tmp_path):
+    out = hfrecipes.sft(
+        "tiny/sft",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        max_steps=2,
+        output_dir=str(tmp_path / "priced"),
+        save_strategy="no",
+        dataset_test_split="",
+        device_price_per_hour=2.0,
+        device_power_watts=300.0,
+    )
+    c = out.record["compute"]
+    assert (c["price_per_hour"], c["price_source"], c["power_watts"]) == (2.0, "recipe", 300.0)
+    assert c["dollars"] == pytest.approx(c["device_hours"] * 2.0)

@@ -113,7 +113,7 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
             "heldout": heldout(after, "eval"),
             "train_last_logged": {k: (record.logged(trainer, k) or [None])[-1] for k in HELDOUT_KEYS},
         }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
         record.close_run(output_dir, rec)
     trainer.accelerator.wait_for_everyone()
     return output_dir, record.read_record(output_dir)

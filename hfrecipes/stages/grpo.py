@@ -160,7 +160,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
             "reward_last_logged": (record.logged(trainer, "reward") or [None])[-1],
             "rewards": training_args.reward_funcs + (["reward_model"] if training_args.reward_model_path else []),
         }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
         rec["evaluation"] = {"before": before, "after": after}
         record.close_run(output_dir, rec)
     trainer.accelerator.wait_for_everyone()

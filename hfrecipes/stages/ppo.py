@@ -850,7 +850,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
             "kl_coef_final": trainer.kl_coef,
             "rollout_batch_size": training_args.rollout_batch_size * training_args.world_size,
         }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
         record.close_run(output_dir, rec)
     trainer.accelerator.wait_for_everyone()
     return output_dir, record.read_record(output_dir)

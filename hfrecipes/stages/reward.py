@@ -90,7 +90,7 @@ def run(script_args: ScriptArguments, training_args: RewardConfig, model_args: M
             "heldout_pairs": len(test_raw) if test_raw is not None else 0,
             "train_accuracy_last_logged": (record.logged(trainer, "accuracy") or [None])[-1],
         }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
         record.close_run(output_dir, rec)
     trainer.accelerator.wait_for_everyone()
     return output_dir, record.read_record(output_dir)

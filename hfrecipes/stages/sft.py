@@ -132,7 +132,7 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
             "packing": training_args.packing,
             **{k: v for k, v in heldout.items() if k in ("eval_loss", "eval_mean_token_accuracy")},
         }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics)
+        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
         record.close_run(output_dir, rec)
     trainer.accelerator.wait_for_everyone()
     return output_dir, record.read_record(output_dir)
