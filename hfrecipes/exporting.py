@@ -18,6 +18,7 @@ from typing import Any
 
 from hfrecipes import card, record
 from hfrecipes.errors import UsageError
+from hfrecipes.inference import until_eos
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +153,6 @@ def greedy_vllm(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list
     return [list(r.outputs[0].token_ids) for r in results]
 
 
-def _strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    """transformers pads after EOS inside a batch and vLLM stops at it: compare up to and including EOS."""
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1]
-    return tokens
-
-
 def verify(out_dir: Path, use_vllm: bool | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
     """Reload with transformers; with vLLM installed (or `use_vllm=True`), compare greedy tokens prompt by prompt."""
     from hfrecipes.inference import vllm_available
@@ -175,7 +168,7 @@ def verify(out_dir: Path, use_vllm: bool | None = None, max_new_tokens: int = 16
     eos = gen_cfg["eos_token_id"]
     eos = set(eos if isinstance(eos, list) else [eos])
     vl = greedy_vllm(out_dir, VERIFY_PROMPTS, max_new_tokens)
-    same = [_strip_eos(a, eos) == _strip_eos(b, eos) for a, b in zip(hf, vl, strict=True)]
+    same = [until_eos(a, eos) == until_eos(b, eos) for a, b in zip(hf, vl, strict=True)]
     matched = sum(same)
     result["vllm"] = {"greedy_matches": matched, "of": len(hf)}
     if matched != len(hf):

@@ -106,7 +106,7 @@ def generate_ids(
             )
         gen = gen[:, width:].tolist()
         for j in range(len(chunk)):
-            outputs.append([_until_eos(g, eos) for g in gen[j * n : (j + 1) * n]])
+            outputs.append([until_eos(g, eos) for g in gen[j * n : (j + 1) * n]])
     model.train(was_training)
     return outputs
 
@@ -127,7 +127,8 @@ def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_token
     return tok, model, outputs, wall
 
 
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    """Tokens up to and including the first EOS: a batch pads after EOS, and vLLM stops at it."""
     for i, t in enumerate(tokens):
         if t in eos:
             return tokens[: i + 1]
