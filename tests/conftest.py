@@ -4,6 +4,7 @@ one tiny SFT model on top of it, built once per session and reused by every late
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -18,6 +19,13 @@ def _one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+# Two real gloo processes on CPU: `--multi_gpu` (with the stages' use_cpu), not `--cpu`, which silently runs one.
+TWO_CPU_PROCESSES = [
+    sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

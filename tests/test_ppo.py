@@ -7,11 +7,11 @@ import math
 import shutil
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TWO_CPU_PROCESSES
 
 import hfrecipes
 from hfrecipes import modeling, rewards
@@ -298,20 +298,7 @@ def test_two_processes_keep_identical_weights(chain, tmp_path):
         "heldout_max_prompts": 8,
     }
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
+        *TWO_CPU_PROCESSES,
         str(driver),
         str(tmp_path / "sum"),
         json.dumps(kw),

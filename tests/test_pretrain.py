@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TWO_CPU_PROCESSES
 
 import hfrecipes
 from hfrecipes.errors import UsageError
@@ -160,20 +161,7 @@ def test_accelerate_launch_two_processes(tmp_path):
     """`--multi_gpu --num_processes 2` gives two real gloo processes on CPU (`--cpu` would silently run one)."""
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
+        *TWO_CPU_PROCESSES,
         "-m",
         "hfrecipes",
         "pretrain",
