@@ -15,18 +15,7 @@ import statistics
 import tempfile
 import time
 
-
-def matmul_rate(n: int = 1024, repeats: int = 10) -> float:
-    """Measured fp32 FLOP/s of an n x n matmul on this machine and thread count."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+from bench.common import matmul_rate
 
 
 def hand_loop(blocks, config, steps: int, batch: int, lr: float, seed: int) -> float:
@@ -93,12 +82,14 @@ def main() -> None:
         config = config_from("tiny", None, tok)
         corpus = datasets.Dataset.from_list(tiny_rows("corpus", "train"))
         blocks = pack(corpus, tok, "text", 128)["input_ids"]
-        loop, stage = [], []
+        loop, stage, rates = [], [], []
         for i in range(args.repeats):
             loop.append(hand_loop(blocks, config, args.steps, args.batch, lr, seed))
             tps, rec = stage_run(args.steps, args.batch, lr, seed, tmp, i + 1)
             stage.append(tps)
-        rate = matmul_rate()
+            rates.append(matmul_rate())
+    # other processes only ever slow a measurement down, so the machine's rate is the best one seen
+    rate = max(rates)
     n = rec["model"]["params_total"]
     loop_tps, stage_tps = statistics.median(loop), statistics.median(stage)
     print(

@@ -7,7 +7,8 @@ Both stages run from their bundled tiny recipes (GRPO: 8 prompts x 8 replies a s
 epochs x 4 minibatches) on parents made first (a few-step tiny pretrain, SFT and reward model). Every call of
 `generate` (transformers' `GenerationMixin.generate`, which both stages use without vLLM) is timed; a step's
 generation share is the generation time between its start and end over the step's time, as the median over the
-steps after the first. vLLM generation (TRL's `use_vllm`, colocate mode) is a GPU measurement: see `bench/gpu.sh`.
+steps after the first. GRPO runs twice: with the CPU default `logits_lm_head` and with TRL's fused LM head
+(`grpo-fusedhead`). vLLM generation (TRL's `use_vllm`, colocate mode) is a GPU measurement: see `bench/gpu.sh`.
 """
 
 from __future__ import annotations
@@ -91,12 +92,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _, sft = parents(tmp)
         rm = hfrecipes.reward("tiny/reward", model_name_or_path=sft, max_steps=5, output_dir=f"{tmp}/reward", **quiet)
-        rows["grpo"] = run_stage(
-            "grpo",
-            args.grpo_steps,
-            dict(model_name_or_path=sft, output_dir=f"{tmp}/grpo", eval_before=False, **quiet),
-            args.skip,
-        )
+        for name, logits_head in (("grpo", True), ("grpo-fusedhead", False)):
+            rows[name] = run_stage(
+                "grpo",
+                args.grpo_steps,
+                dict(
+                    model_name_or_path=sft,
+                    output_dir=f"{tmp}/{name}",
+                    eval_before=False,
+                    logits_lm_head=logits_head,
+                    **quiet,
+                ),
+                args.skip,
+            )
         rows["ppo"] = run_stage(
             "ppo",
             args.ppo_steps,
@@ -108,16 +116,18 @@ def main() -> None:
         f"tiny task, transformers generation (no vLLM); torch threads {args.threads}; "
         f"first {args.skip} step(s) skipped"
     )
-    print(f"{'stage':<8}{'steps':>6}{'s/step':>10}{'generate s/step':>17}{'generation share':>18}{'rest s/step':>13}")
+    print(f"{'stage':<16}{'steps':>6}{'s/step':>10}{'generate s/step':>17}{'generation share':>18}{'rest s/step':>13}")
     summary = []
     for stage, steps in rows.items():
         total, gen = median([s for s, _ in steps]), median([g for _, g in steps])
         share = median([g / s for s, g in steps])
         summary.append(f"{stage} {share:.0%}")
-        print(f"{stage:<8}{len(steps):>6}{total:>10.3f}{gen:>17.3f}{share:>18.1%}{total - gen:>13.3f}")
+        print(f"{stage:<16}{len(steps):>6}{total:>10.3f}{gen:>17.3f}{share:>18.1%}{total - gen:>13.3f}")
+    rest = {k: median([t - g for t, g in v]) for k, v in rows.items()}
     print(
-        f"summary: generation takes {', '.join(summary)} of a step (transformers generate, CPU); the vLLM gain is "
-        "measured on a GPU only (bench/gpu.sh)"
+        f"summary: generation takes {', '.join(summary)} of a step (transformers generate, CPU); the rest of a GRPO "
+        f"step takes {rest['grpo-fusedhead'] / rest['grpo']:.2f}x as long with TRL's fused LM head as with the "
+        "logits head; the vLLM gain is measured on a GPU only (bench/gpu.sh)"
     )
 
 

@@ -12,9 +12,11 @@ step, so a burst of load from other processes hits both. The losses:
 - sft: masked next-token cross-entropy on the collator's labels;
 - reward: Bradley-Terry, -log sigmoid(score(chosen) - score(rejected)), scores from a one-output head;
 - dpo: sigmoid DPO against a frozen reference copy (reference log-probs computed under no_grad every step).
-TRL's SFT and DPO trainers compute log-probabilities through their own fused LM head (in tiles, only at trained
-positions, with entropy and top-1 for the logs); the `-fusedhead` rows give the hand loop that head too, so the gap
-they close is the head's cost, not the stage's.
+TRL's SFT and DPO trainers compute log-probabilities through their own fused LM head (in vocabulary tiles, each tile
+recomputed in the backward pass, with entropy and top-1 for the logs). Without Triton (here) the stages default to
+`logits_lm_head`: the same fields from one plain matmul. The `-fusedhead` rows run the stage with TRL's head
+(`logits_lm_head=False`) against a loop that uses that head too, so they show the stage's overhead with the head
+GPUs use, and, set beside the plain rows, what the head costs on this machine.
 Steady-state seconds per step are medians of the step times after the first `--skip` steps, over `--repeats` runs.
 The 10th percentile of all steps of a side is shown too: other processes only ever add time, so it compares the
 quiet moments of both sides.
@@ -128,7 +130,10 @@ def run_pair(name: str, parent: str, steps: int, batch: int, workdir: str, i: in
     )
     if stage == "dpo":
         overrides.update(loss_type=["sigmoid"], loss_weights=None)
-    loop = HandLoop(stage, parent, fused_head=name.endswith("-fusedhead"))
+    fused_head = name.endswith("-fusedhead")
+    if stage != "reward":
+        overrides.update(logits_lm_head=not fused_head)
+    loop = HandLoop(stage, parent, fused_head=fused_head)
     with timed_steps(on_begin=loop.begin, after_step=loop.step) as times:
         getattr(hfrecipes, stage)(f"tiny/{stage}", **overrides)
     return times, loop
@@ -140,7 +145,7 @@ def main() -> None:
         "--stages",
         nargs="+",
         default=["sft", "sft-fusedhead", "reward", "dpo", "dpo-fusedhead"],
-        help="sft-fusedhead, dpo-fusedhead: the stage against a loop that uses TRL's fused LM head too",
+        help="sft-fusedhead, dpo-fusedhead: the stage with TRL's fused LM head against a loop that uses it too",
     )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the medians")
@@ -177,18 +182,18 @@ def main() -> None:
     )
     print(
         f"{'stage':<15}{'stage s/step':>14}{'loop s/step':>13}{'stage/loop':>12}{'p10 ratio':>11}{'MFU stage':>11}"
-        f"{'MFU loop':>10}   per-run medians (stage | loop)"
+        f"{'MFU loop':>10}{'tokens':>8}   per-run medians (stage | loop)"
     )
     summary = []
     for stage, ss, ls, s10, l10, tokens, n in rows:
         # training FLOPs per step: 6*N per token through the trained model, 2*N more for dpo's reference forward;
         # N counts the matmul weights (the input embedding is a lookup; a tied LM head is a matmul)
-        flops = (6 + (2 if stage == "dpo" else 0)) * n * tokens
+        flops = (6 + (2 if stage.startswith("dpo") else 0)) * n * tokens
         s, loop = median(ss), median(ls)
         summary.append(f"{stage} {s / loop:.2f}x (p10 {s10 / l10:.2f}x)")
         print(
             f"{stage:<15}{s:>14.4f}{loop:>13.4f}{s / loop:>11.2f}x{s10 / l10:>10.2f}x{flops / s / rate:>11.1%}"
-            f"{flops / loop / rate:>10.1%}   {[round(x, 3) for x in ss]} | {[round(x, 3) for x in ls]}"
+            f"{flops / loop / rate:>10.1%}{tokens:>8.0f}   {[round(x, 3) for x in ss]} | {[round(x, 3) for x in ls]}"
         )
     print(
         f"summary: stage step time over the hand-written loop's, median (10th percentile of all steps): "

@@ -45,6 +45,16 @@ def has_accelerator() -> bool:
     )
 
 
+def has_triton_device() -> bool:
+    """A CUDA or XPU GPU with Triton installed: where TRL's fused LM head runs as a compiled kernel."""
+    import importlib.util
+
+    import torch
+
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return gpu and importlib.util.find_spec("triton") is not None
+
+
 def apply_device_defaults(args) -> None:
     """On a machine without an accelerator, train on the CPU: `use_cpu=True` (so `accelerate launch --multi_gpu`
     gives gloo DDP instead of one process per rank training alone), and no bf16/fp16 (TRL configs default bf16 on,
@@ -168,8 +178,9 @@ def model_source(model_args) -> tuple[str, str | None]:
     return name, model_args.gguf_file
 
 
-def check_model_args(model_args, parent_stage: str | None = None) -> None:
-    """Everything about the model that can be wrong, found before data or weights load: paths, switches."""
+def check_model_args(model_args, parent_stage: str | None = None, lm_head_adapter: bool = False) -> None:
+    """Everything about the model that can be wrong, found before data or weights load: paths, switches.
+    `lm_head_adapter`: whether the stage can train a LoRA adapter on the LM head (TRL's trainers refuse one)."""
     if not model_args.model_name_or_path:
         hint = f" (normally the {parent_stage} output, e.g. runs/tiny/{parent_stage})" if parent_stage else ""
         raise UsageError(f"model_name_or_path is required: the checkpoint this stage starts from{hint}.")
@@ -189,6 +200,12 @@ def check_model_args(model_args, parent_stage: str | None = None) -> None:
         raise UsageError(
             "load_in_4bit/load_in_8bit quantize the frozen base model, so only adapters can train: set use_peft: true "
             "(QLoRA), or drop load_in_4bit for full training."
+        )
+    targets = model_args.lora_target_modules
+    if model_args.use_peft and not lm_head_adapter and isinstance(targets, list) and "lm_head" in targets:
+        raise UsageError(
+            "lora_target_modules includes lm_head, which TRL's trainers refuse (sft, dpo and grpo score tokens with "
+            "the LM head's base weight; a reward model has no LM head). Remove lm_head from lora_target_modules."
         )
     if model_args.load_in_4bit or model_args.load_in_8bit:
         import importlib.util

@@ -74,3 +74,10 @@ def capture_trainers(mp: pytest.MonkeyPatch) -> list:
 @pytest.fixture
 def captured_trainers(monkeypatch):
     return capture_trainers(monkeypatch)
+
+
+def lm_head_kind(model) -> str:
+    """Which LM head a model (or the base of a PEFT model) scores tokens with: "logits" (hfrecipes.stages.common)
+    or "trl" (TRL's fused head). Both wrappers copy the model's own forward's name, so the code is compared."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits" if model.forward.__code__.co_filename.endswith("stages/common.py") else "trl"

@@ -124,6 +124,7 @@ CASES = {
         ["vocab_size", "64"],
     ),
     "quantized_without_adapters": ([*SFT, "--load_in_4bit", "true"], ["use_peft"]),
+    "lm_head_adapter": ([*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "lm_head"], ["lm_head"]),
     # devices
     "bf16_without_a_gpu": ([*PRE, "--bf16", "true"], ["bf16", "GPU"]),
     "fp16_without_a_gpu": ([*SFT, "--fp16", "true"], ["fp16", "GPU"]),

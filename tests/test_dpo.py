@@ -6,6 +6,7 @@ Held-out numbers are measured on 300 problems no stage trains on, before and aft
 from __future__ import annotations
 
 import pytest
+from conftest import lm_head_kind
 
 import hfrecipes
 from hfrecipes import modeling, record
@@ -49,6 +50,8 @@ def test_full_dpo_margins_become_positive(tiny_sft, tmp_path, model_loads, captu
     _check_learned(rec)
     assert model_loads == ["causal_lm", "causal_lm"], "full DPO holds a frozen copy of the parent as reference"
     assert captured_trainers[0].ref_model is not None
+    # on a CPU both the policy and the reference score tokens through the logits head
+    assert lm_head_kind(captured_trainers[0].model) == lm_head_kind(captured_trainers[0].ref_model) == "logits"
     assert rec["model"]["reference"] == "separate copy of the parent"
     assert rec["metrics"]["loss_type"] == ["sigmoid", "sft"]
     assert [r["stage"] for r in record.lineage(rec)] == ["pretrain", "sft", "dpo"]
@@ -79,14 +82,17 @@ def test_every_trl_loss_type_is_a_recipe_key(loss):
     assert config.loss_type == [loss]
 
 
-def test_a_second_loss_type_trains(tiny_sft, tmp_path):
+def test_a_second_loss_type_trains_with_trls_lm_head(tiny_sft, tmp_path, captured_trainers):
     result = hfrecipes.dpo(
         "tiny/dpo",
         model_name_or_path=str(tiny_sft.output_dir),
         output_dir=str(tmp_path / "ipo"),
         loss_type=["ipo"],
+        logits_lm_head=False,  # TRL's fused head, as on a GPU
         max_steps=3,
         max_train_samples=96,
         save_strategy="no",
     )
     assert result.record["metrics"]["loss_type"] == ["ipo"] and result.record["status"] == "complete"
+    trainer = captured_trainers[0]
+    assert lm_head_kind(trainer.model) == lm_head_kind(trainer.ref_model) == "trl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import lm_head_kind
 
 import hfrecipes
 from hfrecipes.errors import UsageError
@@ -51,7 +52,7 @@ def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-def test_grpo_records_accuracy_and_rewards(weak_sft, tmp_path):
+def test_grpo_records_accuracy_and_rewards(weak_sft, tmp_path, captured_trainers):
     out = hfrecipes.grpo(
         "tiny/grpo",
         model_name_or_path=str(weak_sft.output_dir),
@@ -71,6 +72,7 @@ def test_grpo_records_accuracy_and_rewards(weak_sft, tmp_path):
     assert any("rewards/length_penalty/mean" in x for x in logs)
     assert out.record["evaluation"]["after"]["examples"][0]["reference"].endswith(".")
     assert out.record["parent"]["stage"] == "sft"
+    assert lm_head_kind(captured_trainers[0].model) == "logits"  # the CPU default
 
 
 def test_grpo_lora_keeps_base_bit_identical_and_moves_adapter(weak_sft, tmp_path):
@@ -87,6 +89,7 @@ def test_grpo_lora_keeps_base_bit_identical_and_moves_adapter(weak_sft, tmp_path
         save_strategy="no",
         learning_rate=5e-2,
         reward_funcs=["length"],
+        entropy_coef=0.01,  # an entropy bonus: the logits head's entropy carries a gradient
     )  # a dense reward: every group has a spread
     base_after = load_file(weak_sft.output_dir / "model.safetensors")
     adapter = load_file(out.output_dir / "adapter_model.safetensors")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import capture_trainers
+from conftest import capture_trainers, lm_head_kind
 from safetensors.torch import load_file
 
 import hfrecipes
@@ -170,3 +170,8 @@ def test_recipe_cost_overrides_reach_a_fine_tuning_record(tiny_pretrained, tmp_p
     c = out.record["compute"]
     assert (c["price_per_hour"], c["price_source"], c["power_watts"]) == (2.0, "recipe", 300.0)
     assert c["dollars"] == pytest.approx(c["device_hours"] * 2.0)
+
+
+def test_cpu_runs_score_tokens_with_the_logits_head(lora_run):
+    _, trainer = lora_run
+    assert trainer.args.logits_lm_head is True and lm_head_kind(trainer.model) == "logits"

@@ -1,7 +1,8 @@
-"""What the fine-tuning stages (sft, reward, dpo) change in TRL's configs, in one place.
+"""What the fine-tuning stages (sft, reward, dpo, grpo, ppo) change in TRL's configs and trainers, in one place.
 
-A stage config is `class SFTConfig(FineTuneDefaults, trl.SFTConfig)`: these fields come first in the MRO, so they
-replace TRL's. Nothing here trains; each stage's `run()` stays in its own file.
+A stage config is `class SFTConfig(FineTuneDefaults, LogitsHeadOption, trl.SFTConfig)`: these fields come first in
+the MRO, so they replace TRL's. The one trainer change is the LM head sft, dpo and grpo score tokens with
+(`use_logits_lm_head`); each stage's `run()` stays in its own file.
 """
 
 from __future__ import annotations
@@ -37,3 +38,102 @@ class FineTuneDefaults:
         if self.bf16 is None and not self.fp16:
             self.bf16 = modeling.default_bf16()
         super().__post_init__()
+
+
+@dataclass
+class LogitsHeadOption:
+    """The `logits_lm_head` switch of the stages whose TRL trainer scores tokens through its fused LM head (sft, dpo,
+    grpo).
+
+    TRL patches the model so that `fused_lm_head=True` returns per-token log-probabilities computed in vocabulary
+    tiles, recomputing every tile in the backward pass: that never holds the `(tokens, vocab)` logits, which a GPU
+    needs for a 150k-token vocabulary. Where Triton does not run (a CPU), the tiles are folded by Python-level torch
+    ops and the recomputation is pure cost; `bench/training_overhead.py` measures it. The switch puts a plain head in
+    its place: one matmul over the scored positions, `log_softmax`, and the logged statistics from the same logits.
+    """
+
+    logits_lm_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Score tokens from the full logits of the trained positions instead of TRL's tiled fused LM head "
+            "(faster without Triton; holds a tokens x vocab tensor). Default: on where Triton does not run (CPU)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.logits_lm_head is None:
+            self.logits_lm_head = self.use_cpu or not modeling.has_triton_device()
+
+
+def use_logits_lm_head(model, outputs: tuple[str, ...], temperature: float = 1.0, entropy_grad: bool = False) -> bool:
+    """Replace the fused LM head TRL added to `model` by one computed from logits; returns whether it did.
+
+    Same contract as `trl.trainer.utils.add_fused_lm_head`'s forward with `fused_lm_head=True`: per-token fields of
+    `FusedCausalLMOutput` of the logits divided by `temperature`, zero where the label is -100, `loss` =
+    -sum(log_probs) / (valid tokens or `num_items_in_batch`). `log_probs` carries a gradient, `entropy` too with
+    `entropy_grad` (GRPO's entropy bonus); the other fields feed logs. Models whose logits TRL transforms
+    (softcapping, a logit scale) or that need a router loss keep TRL's head.
+    """
+    import functools
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    scaled = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    if any(getattr(text_config, k, None) is not None for k in scaled):
+        return False
+    if getattr(text_config, "output_router_logits", False):
+        return False
+    fused_forward = model.forward  # TRL's: the model's own forward unless `fused_lm_head=True`
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(
+                *args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        mask = labels != -100
+        targets = labels[mask]
+        logits = self.get_output_embeddings()(hidden[mask]).float() / temperature  # only the scored positions
+        log_softmax = torch.log_softmax(logits, dim=-1)
+        fields = {"log_probs": log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
+        if "entropy" in outputs:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                fields["entropy"] = -(log_softmax.exp() * log_softmax).sum(-1)
+        with torch.no_grad():
+            if "log_sum_sq_probs" in outputs:
+                fields["log_sum_sq_probs"] = torch.logsumexp(2 * log_softmax, dim=-1)
+            if "mean_logits" in outputs:
+                fields["mean_logits"] = logits.mean(-1)
+            if "is_top1" in outputs:
+                fields["is_top1"] = logits.argmax(-1) == targets
+        # `masked_scatter` keeps an all-masked batch connected to the graph, as TRL's head does
+        fields = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in fields.items()}
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-fields["log_probs"].sum() / count, label_mask=mask, **fields)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def logits_lm_heads(trainer, outputs: tuple[str, ...], temperature: float = 1.0, entropy_grad: bool = False) -> None:
+    """After a TRL trainer's `__init__`: give its policy (the PEFT base under LoRA) and its reference model, if any,
+    the logits head when `args.logits_lm_head` is on. `outputs`: the fields the trainer reads from the policy;
+    `temperature` and `entropy_grad` as the trainer gave them to TRL's head."""
+    from peft import PeftModel
+
+    if not trainer.args.logits_lm_head:
+        return
+    policy = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
+    use_logits_lm_head(policy, outputs, temperature, entropy_grad)
+    if getattr(trainer, "ref_model", None) is not None:
+        use_logits_lm_head(trainer.ref_model, ("log_probs",), temperature)

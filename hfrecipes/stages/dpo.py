@@ -21,7 +21,7 @@ import trl
 from hfrecipes import card, data, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
-from hfrecipes.stages.common import FineTuneDefaults
+from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "dpo"
 COLUMNS = data.STAGE_COLUMNS[STAGE]
@@ -32,8 +32,9 @@ HELDOUT_KEYS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewa
 
 
 @dataclass
-class DPOConfig(FineTuneDefaults, trl.DPOConfig):
-    """`trl.DPOConfig` with the fine-tuning defaults of `stages/common.py`; `loss_type` checked when parsed."""
+class DPOConfig(FineTuneDefaults, LogitsHeadOption, trl.DPOConfig):
+    """`trl.DPOConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`;
+    `loss_type` checked when parsed."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,7 +47,14 @@ DATACLASSES = (ScriptArguments, DPOConfig, ModelConfig)
 
 
 class DPOTrainer(card.OwnsCard, trl.DPOTrainer):
-    """`trl.DPOTrainer` that owns the model card (ours is written from the stage record)."""
+    """`trl.DPOTrainer` that owns the model card (ours is written from the stage record) and, where
+    `logits_lm_head` is on, scores tokens from plain logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the fields TRL's DPO loss and logs read (WPO weights read `log_sum_sq_probs`)
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+        logits_lm_heads(self, outputs + (("log_sum_sq_probs",) if self.use_weighting else ()))
 
 
 def heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:

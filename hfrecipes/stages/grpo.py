@@ -20,14 +20,15 @@ from hfrecipes import card, data, evaluation, modeling, record, rewards
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
-from hfrecipes.stages.common import FineTuneDefaults
+from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "grpo"
 
 
 @dataclass
-class GRPOConfig(FineTuneDefaults, trl.GRPOConfig):
-    """`trl.GRPOConfig` plus rewards chosen by name and a held-out evaluation before and after training."""
+class GRPOConfig(FineTuneDefaults, LogitsHeadOption, trl.GRPOConfig):
+    """`trl.GRPOConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`, plus
+    rewards chosen by name and a held-out evaluation before and after training."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
@@ -60,7 +61,15 @@ DATACLASSES = (ScriptArguments, GRPOConfig, ModelConfig)
 
 
 class GRPOTrainer(card.OwnsCard, trl.GRPOTrainer):
-    """`trl.GRPOTrainer` that owns the model card (ours is written from the stage record)."""
+    """`trl.GRPOTrainer` that owns the model card (ours is written from the stage record) and, where
+    `logits_lm_head` is on, scores tokens from plain logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.args.cast_lm_head_to_fp32:  # TRL's head then projects in fp32 outside autocast; keep it
+            # the fields TRL's GRPO loss and logs read; the entropy bonus needs the entropy's gradient
+            entropy_grad = self.args.entropy_coef > 0 or self.args.use_adaptive_entropy
+            logits_lm_heads(self, ("log_probs", "entropy"), self.temperature, entropy_grad)
 
 
 def reward_functions(training_args: GRPOConfig) -> list:

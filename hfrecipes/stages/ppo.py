@@ -784,7 +784,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
     # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
     output_dir = Path(training_args.output_dir)
     resume_from = record.check_output_dir(output_dir, STAGE)
-    modeling.check_model_args(model_args, parent_stage="sft")
+    modeling.check_model_args(model_args, parent_stage="sft", lm_head_adapter=True)
     reward_funcs = check_reward_setup(training_args, model_args)
     parent = record.read_record(model_args.model_name_or_path)
     rec = record.new_record(STAGE, recipe, parent)

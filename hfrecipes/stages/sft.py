@@ -17,15 +17,15 @@ from hfrecipes import card, data, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
-from hfrecipes.stages.common import FineTuneDefaults
+from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "sft"
 COLUMNS = data.STAGE_COLUMNS[STAGE]
 
 
 @dataclass
-class SFTConfig(FineTuneDefaults, trl.SFTConfig):
-    """`trl.SFTConfig` with the fine-tuning defaults of `stages/common.py`.
+class SFTConfig(FineTuneDefaults, LogitsHeadOption, trl.SFTConfig):
+    """`trl.SFTConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`.
 
     Changed default: `assistant_only_loss=None` means "on for `messages` data"; prompt/completion data trains on
     the completion through TRL's `completion_only_loss`.
@@ -44,7 +44,12 @@ DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig)
 
 
 class SFTTrainer(card.OwnsCard, trl.SFTTrainer):
-    """`trl.SFTTrainer` that owns the model card (ours is written from the stage record)."""
+    """`trl.SFTTrainer` that owns the model card (ours is written from the stage record) and, where
+    `logits_lm_head` is on, scores tokens from plain logits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logits_lm_heads(self, ("log_probs", "entropy", "is_top1"))  # the fields TRL's SFT loss and logs read
 
 
 def resolve_loss(training_args: SFTConfig, train_raw) -> bool:
