@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import tempfile
 import time
-import types
 
 from bench.common import median, parents, timed_steps
 from hfrecipes.inference import vllm_available
@@ -33,20 +32,15 @@ def timed_generate():
     from hfrecipes import inference
 
     targets = [(GenerationMixin, "generate")]
-    if inference.vllm_available():
+    if vllm_available():
         from trl.generation.vllm_generation import VLLMGeneration
 
-        # TRL's sync, or the one hfrecipes puts on the instance under vLLM >= 0.32
-        targets += [(VLLMGeneration, "generate"), (VLLMGeneration, "sync_weights")]
-        fit = inference.fit_colocate_weight_sync
-
-        def fit_timed(generation):
-            done = fit(generation)
-            if done:
-                generation.sync_weights = types.MethodType(timed(generation.sync_weights.__func__), generation)
-            return done
-
-        targets.append((inference, "fit_colocate_weight_sync"))
+        # TRL's sync, or the one hfrecipes binds to the instance under vLLM >= 0.32 (looked up when it binds it)
+        targets += [
+            (VLLMGeneration, "generate"),
+            (VLLMGeneration, "sync_weights"),
+            (inference, "colocate_reload_weights"),
+        ]
     calls: list[tuple[float, float]] = []
     originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
 
@@ -61,7 +55,7 @@ def timed_generate():
         return call
 
     for owner, name, original in originals:
-        setattr(owner, name, fit_timed if name == "fit_colocate_weight_sync" else timed(original))
+        setattr(owner, name, timed(original))
     try:
         yield calls
     finally:

@@ -65,17 +65,19 @@ def fit_colocate_weight_sync(generation) -> bool:
 
     if Version(vllm.__version__).release < (0, 32):
         return False
-
-    def sync_weights(self):
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        weights = self._iter_named_params()
-        runner.reload_weights(weights_iterator=weights)
-        for _ in weights:  # TRL's iterator unmerges LoRA adapters when it is exhausted
-            pass
-        self.llm.reset_prefix_cache()
-
-    generation.sync_weights = types.MethodType(sync_weights, generation)
+    generation.sync_weights = types.MethodType(colocate_reload_weights, generation)
     return True
+
+
+def colocate_reload_weights(generation) -> None:
+    """The weight sync `fit_colocate_weight_sync` gives TRL's `VLLMGeneration`: the policy's tensors streamed
+    through the colocated engine's in-place `reload_weights`, then the prefix cache dropped."""
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    weights = generation._iter_named_params()
+    runner.reload_weights(weights_iterator=weights)
+    for _ in weights:  # TRL's iterator unmerges LoRA adapters when it is exhausted
+        pass
+    generation.llm.reset_prefix_cache()
 
 
 def read_prompts(path: str | Path) -> list[Any]:

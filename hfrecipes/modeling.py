@@ -35,24 +35,24 @@ class ModelConfig(trl.ModelConfig):
     )
 
 
+def _has_cuda_or_xpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
 def has_accelerator() -> bool:
     import torch
 
-    return (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
-    )
+    mps = getattr(torch.backends, "mps", None)
+    return _has_cuda_or_xpu() or (mps is not None and mps.is_available())
 
 
 def has_triton_device() -> bool:
     """A CUDA or XPU GPU with Triton installed: where TRL's fused LM head runs as a compiled kernel."""
     import importlib.util
 
-    import torch
-
-    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return gpu and importlib.util.find_spec("triton") is not None
+    return _has_cuda_or_xpu() and importlib.util.find_spec("triton") is not None
 
 
 def apply_device_defaults(args) -> None:

@@ -21,15 +21,11 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def _vllm_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
+from hfrecipes.inference import vllm_available  # noqa: E402  (after the offline switches above)
 
 # Tests of the real vLLM engine skip where it is not installed, unless CI requires it (`.ci/run` sets this)
 REQUIRE_VLLM = os.environ.get("HFRECIPES_REQUIRE_VLLM") == "1"
-needs_vllm = pytest.mark.skipif(not _vllm_installed() and not REQUIRE_VLLM, reason="vLLM is not installed")
+needs_vllm = pytest.mark.skipif(not vllm_available() and not REQUIRE_VLLM, reason="vLLM is not installed")
 
 
 # Two real gloo processes on CPU: `--multi_gpu` (with the stages' use_cpu), not `--cpu`, which silently runs one.

