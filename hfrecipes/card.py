@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from hfrecipes import record as records
-from hfrecipes.cost import break_even, serving
-from hfrecipes.cost import format_dollars as _money
+from hfrecipes.costs import break_even, serving
+from hfrecipes.costs import format_dollars as _money
 from hfrecipes.recipe import _resource_dir
+from hfrecipes.record import Record
 
 PIPELINE_TAGS = {"reward": "text-classification"}
 AUTO_CLASSES = {"reward": "AutoModelForSequenceClassification"}
 TRAINING_TYPES = {"pretrain": "pre-training"}
+EXPORT = "export"  # the one record that trains nothing: it merges and writes a serving folder
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,7 +60,7 @@ def _si(x: float | None, unit: str = "") -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
+    if not isinstance(seconds, (int, float)):
         return "n/a"
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -68,7 +70,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
+    return f"{x:.4g}" if isinstance(x, (int, float)) else "n/a"
 
 
 FORMATS = {"si": _si, "duration": _duration, "money": _money, "num": _num}
@@ -83,17 +85,27 @@ def is_hub_id(name: str | None) -> bool:
 
 def base_model(rec: dict[str, Any]) -> str | None:
     """The parent's Hub id (known once the parent was pushed), or the Hub model the first stage started from."""
-    parent = rec.get("parent")
+    parent = trained(rec).get("parent")
     if parent:
         return (parent.get("hub") or {}).get("repo_id")
     source = (rec.get("model") or {}).get("source")
     return source if is_hub_id(source) else None
 
 
+def trained(rec: dict[str, Any]) -> dict[str, Any]:
+    """The record of the stage that trained the weights: an export's parent, else the record itself."""
+    return rec["parent"] if rec.get("stage") == EXPORT and rec.get("parent") else rec
+
+
+def training_lineage(rec: dict[str, Any]) -> list[Record]:
+    """The stages that trained this model, first to last (an export trains nothing and is not one of them)."""
+    return [r for r in Record.parse(rec).lineage() if r.stage != EXPORT]
+
+
 def first_base(rec: dict[str, Any]) -> str | None:
     """The model the lineage started from when it did not start from random weights, e.g. a Hub checkpoint."""
-    first = records.lineage(rec)[0]
-    source = (first.get("model") or {}).get("source") or ""
+    first = Record.parse(rec).lineage()[0]
+    source = first.model.source or ""
     if not source or source.startswith("random init"):
         return None
     return source if is_hub_id(source) else Path(source).name  # a local path says nothing on the Hub
@@ -104,22 +116,21 @@ def _data_name(name: str) -> str:
     return Path(name).name if Path(name).expanduser().exists() else name
 
 
-def stage_numbers(r: dict[str, Any]) -> dict[str, Any]:
+def stage_numbers(r: Record) -> dict[str, Any]:
     """The numbers of one stage, as the record holds them."""
-    d, c, m = r.get("data") or {}, r.get("compute") or {}, r.get("metrics") or {}
     return {
-        "stage": r["stage"],
-        "run_id": r.get("run_id"),
-        "data": ", ".join(_data_name(str(x["name"])) for x in d.get("datasets", [])) or "n/a",
-        "tokens": d.get("tokens_seen"),
-        "steps": m.get("steps"),
-        "wall_seconds": c.get("wall_seconds"),
-        "device_hours": c.get("device_hours"),
-        "flops": c.get("flops_6nd"),
-        "dollars": c.get("dollars"),
-        "energy_kwh": c.get("energy_kwh"),
-        "co2_kg": c.get("co2_kg"),
-        "knowledge_cutoff": (d.get("knowledge_cutoff") or {}).get("date"),
+        "stage": r.stage,
+        "run_id": r.run_id,
+        "data": ", ".join(_data_name(str(x["name"])) for x in r.data.datasets) or "n/a",
+        "tokens": r.data.tokens_seen,
+        "steps": r.metrics.steps,
+        "wall_seconds": r.compute.wall_seconds,
+        "device_hours": r.compute.device_hours,
+        "flops": r.compute.flops_6nd,
+        "dollars": r.compute.dollars,
+        "energy_kwh": r.compute.energy_kwh,
+        "co2_kg": r.compute.co2_kg,
+        "knowledge_cutoff": (r.data.knowledge_cutoff or {}).get("date"),
     }
 
 
@@ -127,8 +138,8 @@ SUMMED = ("tokens", "steps", "wall_seconds", "device_hours", "flops", "dollars",
 
 
 def lineage_numbers(rec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """One entry per stage from the first to this one, and their sums (None where no stage recorded a value)."""
-    stages = [stage_numbers(r) for r in records.lineage(rec)]
+    """One entry per training stage from the first to this one, and their sums (None where no stage recorded one)."""
+    stages = [stage_numbers(r) for r in training_lineage(rec)]
     total = {}
     for key in SUMMED:
         values = [s[key] for s in stages if s[key] is not None]
@@ -217,30 +228,27 @@ def card_data(rec: dict[str, Any], stages: list[dict[str, Any]], total: dict[str
     """The front matter: Hub metadata, plus an `hfrecipes` block with the exact numbers of every stage."""
     from huggingface_hub import ModelCardData
 
-    chain = records.lineage(rec)
-    compute, data = rec.get("compute") or {}, rec.get("data") or {}
-    datasets = [
-        d["name"] for r in chain for d in (r.get("data") or {}).get("datasets", []) if is_hub_id(str(d["name"]))
-    ]
+    chain = training_lineage(rec)
+    last = chain[-1]
+    compute = last.compute
+    datasets = [d["name"] for r in chain for d in r.data.datasets if is_hub_id(str(d["name"]))]
     base = base_model(rec)
     adapter = (rec.get("model") or {}).get("adapter")
-    license_ = next(
-        (lic for r in chain[::-1] if (lic := (r.get("recipe") or {}).get("values", {}).get("license"))), None
-    )
+    license_ = next((lic for r in chain[::-1] if (lic := r.recipe.get("values", {}).get("license"))), None)
     co2 = None
-    if compute.get("co2_kg") is not None:
-        device = compute.get("device") or {}
+    if compute.co2_kg is not None:
+        device = compute.device or {}
         co2 = {
-            "emissions": float(f"{compute['co2_kg'] * 1000:.6g}"),  # grams, as the Hub expects
-            "source": f"hfrecipes ({compute.get('co2_source')})",
-            "training_type": TRAINING_TYPES.get(rec["stage"], "fine-tuning"),
+            "emissions": float(f"{compute.co2_kg * 1000:.6g}"),  # grams, as the Hub expects
+            "source": f"hfrecipes ({compute.co2_source})",
+            "training_type": TRAINING_TYPES.get(last.stage, "fine-tuning"),
             "hardware_used": f"{device.get('count', 1)} x {device.get('name') or device.get('kind')}",
         }
-    cutoff = data.get("model_cutoff") or {}
+    cutoff = (rec.get("data") or {}).get("model_cutoff") or {}
     return ModelCardData(
         library_name="peft" if adapter else "transformers",
-        pipeline_tag=PIPELINE_TAGS.get(rec["stage"], "text-generation"),
-        tags=["hfrecipes", rec["stage"]],
+        pipeline_tag=PIPELINE_TAGS.get(last.stage, "text-generation"),
+        tags=list(dict.fromkeys(["hfrecipes", last.stage, rec["stage"]])),
         license=license_,
         base_model=base,
         base_model_relation=("adapter" if adapter else "finetune") if base else None,
@@ -257,21 +265,38 @@ def card_data(rec: dict[str, Any], stages: list[dict[str, Any]], total: dict[str
     )
 
 
+def heldout_line(heldout: dict[str, Any] | None) -> str | None:
+    """One sentence of the stage's own held-out evaluation, e.g. 'pair_accuracy 0.52 -> 0.71 on 64 held-out rows'."""
+    if not heldout:
+        return None
+    change = _num(heldout.get("after"))
+    if heldout.get("before") is not None:
+        change = f"{_num(heldout['before'])} before training, {change} after"
+    better = "higher" if heldout.get("higher_is_better", True) else "lower"
+    rows = f" on {heldout['examples']} held-out rows" if heldout.get("examples") else ""
+    return f"{heldout['metric']}: {change}{rows} ({better} is better)"
+
+
 def render(
     rec: dict[str, Any],
     repo_or_path: str = "path/to/this/folder",
     template: str = "default",
     plots: list[dict[str, str]] | None = None,
 ):
-    """The card as a `huggingface_hub.ModelCard`."""
+    """The card as a `huggingface_hub.ModelCard`. An export's card describes the stage that trained its weights
+    (an export only merges and writes them) and names the model, not the folder."""
     import yaml
     from huggingface_hub import ModelCard
 
+    Record.parse(rec)  # a damaged record is one clear error, not a template traceback
     stages, total = lineage_numbers(rec)
     rows, total_row = lineage_rows(rec)
-    model, compute, data = rec.get("model") or {}, rec.get("compute") or {}, rec.get("data") or {}
+    last = trained(rec)
+    model, data = rec.get("model") or {}, rec.get("data") or {}
+    compute = last.get("compute") or {}
     params = model.get("params_total")
     repo = (rec.get("hub") or {}).get("repo_id") or repo_or_path
+    exported = rec.get("export") if rec["stage"] == EXPORT else None
 
     cutoff = data.get("model_cutoff") or {"date": None, "source": "unknown", "detail": "not recorded"}
     base = first_base(rec)
@@ -290,17 +315,22 @@ def render(
     flops_even = total["flops"] / serve["flops_per_token"] if total["flops"] and params else None
 
     versions = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
-    values = dict((rec.get("recipe") or {}).get("values", {}))
+    values = dict((last.get("recipe") or {}).get("values", {}))
+    metrics = dict(rec.get("metrics") or {})
+    heldout = metrics.pop("heldout", None)
     summary = (
-        f"A {model.get('model_type') or ''} model of {_si(params)} parameters after the **{rec['stage']}** stage "
+        f"A {model.get('model_type') or ''} model of {_si(params)} parameters after the **{last['stage']}** stage "
         f"({len(rows)} stage(s) in its lineage), trained with [hfrecipes](https://pypi.org/project/hfrecipes/)."
     )
+    if exported:
+        merged = "adapters merged, " if model.get("merged_adapter") else ""
+        summary += f" Exported for serving ({merged}dtype {exported.get('dtype')})."
     return ModelCard.from_template(
         card_data(rec, stages, total),
         template_path=str(cards_root() / f"{template}.md"),
-        model_name=Path(repo).name,
+        model_name=(exported or {}).get("model_name") or Path(repo).name,
         summary=summary,
-        stage=rec["stage"],
+        stage=last["stage"],
         cutoff=cutoff,
         base=base,
         lineage=rows,
@@ -311,9 +341,10 @@ def render(
         serve=serve,
         break_even=even,
         flops_break_even=flops_even,
-        metrics=rec.get("metrics") or {},
+        heldout=heldout_line(heldout),
+        metrics=metrics,
         adapter=model.get("adapter"),
-        auto_class=AUTO_CLASSES.get(rec["stage"], "AutoModelForCausalLM"),
+        auto_class=AUTO_CLASSES.get(last["stage"], "AutoModelForCausalLM"),
         repo=repo,
         plots=plots if plots is not None else [],
         recipe_yaml=yaml.safe_dump(values, sort_keys=False) if values else "{}\n",
@@ -322,11 +353,9 @@ def render(
     )
 
 
-def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name: str | Path | None = None) -> Path:
+def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name: str | Path | None = None) -> None:
     """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder. `name` is the path
     the card calls the model by, when the folder is written under a temporary name first."""
     folder = Path(folder)
     written = write_plots(folder) if plots else existing_plots(folder)
-    path = folder / "README.md"
-    records.atomic_write_text(path, str(render(rec, str(name or folder), plots=written)))
-    return path
+    records.atomic_write_text(folder / "README.md", str(render(rec, str(name or folder), plots=written)))

@@ -12,55 +12,23 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from hfrecipes import card, record
+from hfrecipes import record
 from hfrecipes.errors import UsageError
-from hfrecipes.inference import until_eos
+from hfrecipes.inference import greedy_transformers, greedy_vllm, until_eos, vllm_available
+from hfrecipes.modeling import check_stage_dir, is_adapter, load_merged
+from hfrecipes.stagerun import StageRun
 
 logger = logging.getLogger(__name__)
 
+EXPORT = "export"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A fixed prompt set for the transformers-vs-vLLM check: chat prompts and raw text, short and long.
 VERIFY_PROMPTS = [
     [{"role": "user", "content": f"What is {a} plus {b}?"}] for a, b in [(3, 4), (12, 30), (47, 38), (99, 99), (5, 60)]
 ] + ["One sunny day, Mia went to the", "We count: 3, 4, 5,", "The sum of 20 and 22 is", "Tom saw a small"]
-
-
-def _is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
-
-
-def check_stage_dir(stage_dir: Path) -> None:
-    """Everything export needs is there: weights (or an adapter and its base), a tokenizer."""
-    if not stage_dir.is_dir():
-        raise UsageError(f"stage folder '{stage_dir}' does not exist.")
-    if not (stage_dir / "tokenizer_config.json").is_file():
-        raise UsageError(
-            f"stage folder '{stage_dir}' has no tokenizer (tokenizer_config.json); save the tokenizer "
-            "with the model, or copy it from the base model."
-        )
-    if _is_adapter(stage_dir):
-        try:
-            cfg = json.loads((stage_dir / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(
-                f"{stage_dir}/adapter_config.json is not valid JSON ({e}); the adapter is broken."
-            ) from None
-        if not list(stage_dir.glob("adapter_model.safetensors")):
-            raise UsageError(f"stage folder '{stage_dir}' has adapter_config.json but no adapter_model.safetensors.")
-        base = cfg.get("base_model_name_or_path")
-        if not base:
-            raise UsageError(f"{stage_dir}/adapter_config.json names no base_model_name_or_path; set it to the base.")
-        if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
-            raise UsageError(
-                f"the adapter's base model '{base}' (adapter_config.json base_model_name_or_path) does "
-                "not exist. Point it at the base model folder."
-            )
-    elif not (stage_dir / "config.json").is_file() or not list(stage_dir.glob("*.safetensors")):
-        raise UsageError(f"stage folder '{stage_dir}' holds no model (config.json and *.safetensors).")
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
@@ -70,33 +38,6 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise UsageError(
             f"export folder '{out_dir}' exists and holds files. Choose a new folder, or pass --force to replace it."
         )
-
-
-def load_merged(stage_dir: Path, dtype: str = "auto", trust_remote_code: bool = False):
-    """The model of a stage folder with any LoRA adapter merged into its base, and the tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(stage_dir, trust_remote_code=trust_remote_code)
-    if _is_adapter(stage_dir):
-        from peft import PeftConfig, PeftModel
-
-        try:
-            base_name = PeftConfig.from_pretrained(stage_dir).base_model_name_or_path
-            base = AutoModelForCausalLM.from_pretrained(
-                base_name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-            )
-            model = PeftModel.from_pretrained(base, stage_dir).merge_and_unload()
-        except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise UsageError(f"the adapter in '{stage_dir}' does not fit its base model: {e}") from None
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            stage_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    if dtype != "auto":
-        model = model.to(getattr(torch, dtype))
-    return model.eval(), tok
 
 
 def generation_settings(tok, model) -> dict[str, Any]:
@@ -115,48 +56,8 @@ def generation_settings(tok, model) -> dict[str, Any]:
     }
 
 
-def prompt_ids(tok, prompts) -> list[list[int]]:
-    """Token ids of prompts: chat messages through the chat template, plain strings as they are."""
-    out = []
-    for p in prompts:
-        if isinstance(p, list):
-            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-        else:
-            text = p
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
-def greedy_transformers(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list[int]]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
-    outs = []
-    for ids in prompt_ids(tok, prompts):
-        with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        outs.append(gen[0, len(ids) :].tolist())
-    return outs
-
-
-def greedy_vllm(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    from hfrecipes.inference import vllm_engine
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    llm, SamplingParams = vllm_engine(model_dir)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids(tok, prompts)], params, use_tqdm=False)
-    return [list(r.outputs[0].token_ids) for r in results]
-
-
 def verify(out_dir: Path, use_vllm: bool | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
     """Reload with transformers; with vLLM installed (or `use_vllm=True`), compare greedy tokens prompt by prompt."""
-    from hfrecipes.inference import vllm_available
-
     hf = greedy_transformers(out_dir, VERIFY_PROMPTS, max_new_tokens)
     result: dict[str, Any] = {"transformers_loads": True, "prompts": len(VERIFY_PROMPTS)}
     if use_vllm is None:
@@ -203,31 +104,31 @@ def export(
         raise UsageError("export folder and stage folder are the same; choose another export folder.")
     parent = record.read_record(stage_dir)
 
-    start = time.perf_counter()
-    model, tok = load_merged(stage_dir, dtype, trust_remote_code)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    run = StageRun(EXPORT, tmp, (parent or {}).get("recipe") or {}, parent_dir=stage_dir, check_output=False)
     try:
-        settings = generation_settings(tok, model)
-        model.config.eos_token_id = settings["eos_token_id"]
-        model.config.pad_token_id = settings["pad_token_id"]
-        model.generation_config = GenerationConfig(**settings, do_sample=False)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        rec = record.new_record("export", parent.get("recipe") if parent else {}, parent)
-        rec["model"] = {
-            **record.model_summary(model, str(stage_dir), dtype if dtype != "auto" else None),
-            "merged_adapter": _is_adapter(stage_dir),
-        }
+        with run.measured():
+            model, tok = load_merged(stage_dir, dtype, trust_remote_code)
+            settings = generation_settings(tok, model)
+            model.config.eos_token_id = settings["eos_token_id"]
+            model.config.pad_token_id = settings["pad_token_id"]
+            model.generation_config = GenerationConfig(**settings, do_sample=False)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        rec = run.record
+        run.describe_model(model, str(stage_dir), dtype=dtype if dtype != "auto" else None)
+        rec["model"]["merged_adapter"] = is_adapter(stage_dir)
         rec["data"] = {"knowledge_cutoff": None, "model_cutoff": (parent or {}).get("data", {}).get("model_cutoff")}
-        # export trains nothing: no FLOPs of 6·N·D, only the wall time of merging and writing
+        # export trains nothing: no FLOPs of 6·N·D and no training throughput, only the wall time of merging and
+        # writing; the card's lineage lists the stages that trained the weights
         rec["compute"] = record.compute_summary(
-            rec["model"]["params_total"], 0, 0.0, time.perf_counter() - start, record.device_info(1)
+            rec["model"]["params_total"], 0, 0.0, run.wall_seconds, record.device_info(1)
         )
         # the parent's evaluation results carry over (same weights); its training counters do not
         training_only = ("steps", "train_loss", "first_logged_loss", "last_logged_loss")
         rec["metrics"] = {k: v for k, v in ((parent or {}).get("metrics") or {}).items() if k not in training_only}
-        rec["export"] = {"dtype": dtype, "generation": settings}
+        rec["export"] = {"dtype": dtype, "generation": settings, "model_name": model_name(out_dir, parent)}
         if verify_load:
             rec["export"]["verify"] = verify(tmp, use_vllm)
             vl = rec["export"]["verify"].get("vllm")
@@ -237,10 +138,8 @@ def export(
                     vl["of"] - vl["greedy_matches"],
                     vl["of"],
                 )
-        rec["status"] = "complete"
-        rec["finished"] = record.now()
-        record.write_record(tmp, rec)
-        card.write_card(tmp, rec, name=out_dir)
+        run.complete()
+        run.close(name=out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -248,3 +147,11 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir, rec
+
+
+def model_name(out_dir: Path, parent: dict[str, Any] | None) -> str:
+    """What the card calls the exported model: the folder's name, unless that only says "export" (as a lifecycle's
+    `<run>/export` does); then the run's name and the stage that trained the weights, e.g. `tiny-grpo`."""
+    if out_dir.name != EXPORT or not parent:
+        return out_dir.name
+    return f"{out_dir.resolve().parent.name}-{parent['stage']}"

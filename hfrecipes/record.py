@@ -1,8 +1,8 @@
 """The stage record (`record.json`): what a stage saw, did and cost. Read, written atomically, chained to its parent.
 
-Every stage calls, in order: `check_output_dir` (before anything expensive), `start_run` (marks the folder as
-this run's), `new_record`, then `finish_record` + `write_record` after training. The card (`card.py`) is rendered
-from the record alone.
+`Record` is its schema: typed blocks (model, data, compute, metrics with one held-out block) that the card, the
+lifecycle summary and `read_record` read. `hfrecipes.stagerun.StageRun` owns a record's life in a stage run (check
+the folder, new record, mark the run, finish, write record and card, close); this module holds the pieces.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import platform
 import tempfile
 import uuid
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,181 @@ from hfrecipes.errors import NonFiniteLoss, UsageError
 
 RECORD = "record.json"
 MARKER = ".hfrecipes-run.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: metrics.heldout, one block for the stage's own held-out evaluation
 
 logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------ schema
+
+
+def _take(cls, raw: dict[str, Any] | None, where: str):
+    """A block dataclass from its JSON dict: known fields by name, the rest kept in `extra` (a stage's own keys)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a mapping, got {type(raw).__name__}; the stage record is damaged.")
+    raw = dict(raw or {})
+    names = {f.name for f in fields(cls)} - {"extra"}
+    known = {k: raw.pop(k) for k in list(raw) if k in names}
+    for f in fields(cls):
+        kind = f.metadata.get("number")
+        value = known.get(f.name)
+        if kind and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UsageError(f"{where}.{f.name}: expected a number, got {value!r}; the stage record is damaged.")
+    return cls(**known, extra=raw)
+
+
+def _number(default=None):
+    return field(default=default, metadata={"number": True})
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """The stage's own held-out evaluation: one named metric before and after training, on `examples` rows the
+    stage never trained on. `detail` holds the other numbers of the same evaluation (per-key before/after)."""
+
+    metric: str
+    after: float | None = _number()
+    before: float | None = _number()
+    examples: int | None = _number()
+    higher_is_better: bool = True
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | None, where: str) -> Heldout | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("metric"), str):
+            raise UsageError(f"{where}: a held-out block needs a 'metric' name; the stage record is damaged.")
+        names = {f.name for f in fields(cls)}
+        for key in ("after", "before", "examples"):
+            v = raw.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise UsageError(f"{where}.{key}: expected a number, got {v!r}; the stage record is damaged.")
+        detail = {**(raw.get("detail") or {}), **{k: v for k, v in raw.items() if k not in names}}
+        return cls(**{k: v for k, v in raw.items() if k in names and k != "detail"}, detail=detail)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelBlock:
+    architecture: str | None = None
+    model_type: str | None = None
+    source: str | None = None
+    params_total: int | None = _number()
+    params_trainable: int | None = _number()
+    params_embedding: int | None = _number()
+    dtype: str | None = None
+    adapter: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataBlock:
+    datasets: list[dict[str, Any]] = field(default_factory=list)
+    examples_seen: int | None = _number()
+    tokens_seen: int | None = _number()
+    epochs: float | None = _number()
+    knowledge_cutoff: dict[str, Any] | None = None
+    model_cutoff: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComputeBlock:
+    flops_6nd: float | None = _number()
+    flops_trainer: float | None = _number()
+    wall_seconds: float | None = _number()
+    device: dict[str, Any] | None = None
+    device_hours: float | None = _number()
+    tokens_per_second: float | None = _number()
+    cost_device: str | None = None
+    price_per_hour: float | None = _number()
+    price_source: str | None = None
+    power_watts: float | None = _number()
+    pue: float | None = _number()
+    grid_gco2_per_kwh: float | None = _number()
+    dollars: float | None = _number()
+    energy_kwh: float | None = _number()
+    co2_kg: float | None = _number()
+    co2_source: str | None = None
+    mfu: float | None = _number()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsBlock:
+    """Training counters every trained stage records, the held-out block, and the stage's own keys in `extra`."""
+
+    steps: int | None = _number()
+    train_loss: float | None = _number()
+    first_logged_loss: float | None = _number()
+    last_logged_loss: float | None = _number()
+    heldout: Heldout | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stage record as typed blocks; `Record.parse(json_dict)` checks it, `record.json` stays plain JSON."""
+
+    stage: str
+    run_id: str
+    status: str
+    schema: int = SCHEMA_VERSION
+    started: str | None = None
+    finished: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    model: ModelBlock = field(default_factory=ModelBlock)
+    data: DataBlock = field(default_factory=DataBlock)
+    compute: ComputeBlock = field(default_factory=ComputeBlock)
+    metrics: MetricsBlock = field(default_factory=MetricsBlock)
+    parent: Record | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # inference, export, hub, evaluation: written by later steps
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], where: str = RECORD) -> Record:
+        if not isinstance(raw, dict):
+            raise UsageError(f"{where}: a stage record is a JSON object; this one is damaged.")
+        missing = [k for k in ("stage", "run_id", "status") if k not in raw]
+        if missing:
+            raise UsageError(f"{where}: the stage record lacks {missing}; it is damaged or not an hfrecipes record.")
+        if not isinstance(raw.get("schema", 1), int) or raw.get("schema", 1) > SCHEMA_VERSION:
+            raise UsageError(
+                f"{where}: record schema {raw.get('schema')!r} is newer than this hfrecipes reads "
+                f"({SCHEMA_VERSION}); upgrade hfrecipes."
+            )
+        m = dict(raw.get("metrics") or {})
+        heldout = Heldout.parse(m.pop("heldout", None), f"{where}: metrics.heldout")
+        metrics = _take(MetricsBlock, m, f"{where}: metrics")
+        top = {f.name for f in fields(cls)} - {"extra"}
+        parent = raw.get("parent")
+        return cls(
+            stage=raw["stage"],
+            run_id=raw["run_id"],
+            status=raw["status"],
+            schema=raw.get("schema", 1),
+            started=raw.get("started"),
+            finished=raw.get("finished"),
+            recipe=raw.get("recipe") or {},
+            versions=raw.get("versions") or {},
+            model=_take(ModelBlock, raw.get("model"), f"{where}: model"),
+            data=_take(DataBlock, raw.get("data"), f"{where}: data"),
+            compute=_take(ComputeBlock, raw.get("compute"), f"{where}: compute"),
+            metrics=MetricsBlock(**{**metrics.__dict__, "heldout": heldout}),
+            parent=cls.parse(parent, f"{where}: parent") if parent else None,
+            extra={k: v for k, v in raw.items() if k not in top},
+        )
+
+    def lineage(self) -> list[Record]:
+        """The chain of records from the first stage to this one."""
+        chain, r = [], self
+        while r is not None:
+            chain.append(r)
+            r = r.parent
+        return chain[::-1]
 
 
 def now() -> str:
@@ -55,19 +228,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The record of a stage folder as its JSON dict (None where there is none), checked against `Record`."""
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); the stage record is damaged.") from None
+    Record.parse(raw, str(path))
+    return raw
 
 
-def write_record(folder: str | Path, record: dict[str, Any]) -> Path:
-    path = Path(folder) / RECORD
-    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
-    return path
+def load_record(folder: str | Path) -> Record | None:
+    """The record of a stage folder as a typed `Record` (None where there is none)."""
+    raw = read_record(folder)
+    return Record.parse(raw, str(Path(folder) / RECORD)) if raw is not None else None
+
+
+def write_record(folder: str | Path, record: dict[str, Any]) -> None:
+    atomic_write_text(Path(folder) / RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -136,18 +316,6 @@ def checkpoint_is_complete(folder: Path) -> bool:
         except (SafetensorError, OSError):
             return False
     return True
-
-
-def start_run(output_dir: str | Path, stage: str, is_main: bool = True) -> None:
-    """Mark the folder as this stage's, so a rerun after a kill resumes instead of refusing."""
-    if is_main:
-        atomic_write_text(Path(output_dir) / MARKER, json.dumps({"stage": stage, "started": now()}) + "\n")
-
-
-def drop_pickles(folder: str | Path) -> None:
-    """Trainer pickles its arguments next to the model; the record holds them as JSON, so the folder stays
-    pickle-free (loading a pickle can run code)."""
-    (Path(folder) / "training_args.bin").unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:
@@ -219,9 +387,9 @@ def compute_summary(
     measured_co2_kg: float | None = None,
 ) -> dict[str, Any]:
     """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings), then
-    price, dollars, energy, CO2 and MFU from `cost.py` (the recipe's overrides in `script_args`, else the table's).
+    price, dollars, energy, CO2 and MFU from `costs.py` (the recipe's overrides in `script_args`, else the table's).
     """
-    from hfrecipes.cost import stage_costs
+    from hfrecipes.costs import stage_costs
 
     hours = wall_seconds / 3600 * device["count"]
     flops = 6.0 * params * tokens
@@ -231,7 +399,7 @@ def compute_summary(
         "wall_seconds": round(wall_seconds, 3),
         "device": device,
         "device_hours": hours,
-        "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else None,
+        "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None,
         **stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg),
     }
 
@@ -307,62 +475,7 @@ def logged(trainer, key: str) -> list[float]:
     return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
 
 
-def finish_record(
-    rec: dict[str, Any],
-    trainer,
-    result,
-    wall_seconds: float,
-    datasets: list[dict[str, Any]],
-    stage_cutoff: dict[str, Any],
-    metrics: dict[str, Any],
-    script_args: Any = None,
-) -> dict[str, Any]:
-    """Fill data, compute and metrics of a fine-tuning stage's record from its trainer, and mark it complete.
-
-    `script_args` carries the recipe's cost overrides (device price, power, PUE, grid intensity) to `compute_summary`.
-
-    Tokens seen are TRL's own count (`num_tokens`, every token of every sequence the model read); examples are
-    optimizer steps x global batch (a preference pair is one example).
-    """
-    from hfrecipes.data import model_cutoff
-
-    args = trainer.args
-    steps = trainer.state.global_step
-    examples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    tokens = int((logged(trainer, "num_tokens") or [0])[-1])
-    losses = logged(trainer, "loss")
-    rec["data"] = {
-        "datasets": datasets,
-        "examples_seen": examples,
-        "tokens_seen": tokens,
-        "epochs": trainer.state.epoch,
-        "knowledge_cutoff": stage_cutoff,
-        "model_cutoff": model_cutoff(stage_cutoff, rec.get("parent"), rec["stage"]),
-    }
-    rec["compute"] = compute_summary(
-        rec["model"]["params_total"],
-        tokens,
-        trainer.state.total_flos,
-        wall_seconds,
-        device_info(args.world_size),
-        script_args=script_args,
-    )
-    rec["metrics"] = {
-        "steps": steps,
-        "train_loss": result.training_loss,
-        "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
-        **metrics,
-    }
-    rec["status"] = "complete"
-    rec["finished"] = now()
-    return rec
-
-
-def close_run(output_dir: str | Path, rec: dict[str, Any]) -> None:
-    """Write the finished record and its card, then drop the run marker: the folder is a complete stage."""
-    from hfrecipes import card
-
-    write_record(output_dir, rec)
-    card.write_card(output_dir, rec)
-    (Path(output_dir) / MARKER).unlink(missing_ok=True)
+def drop_pickles(folder: str | Path) -> None:
+    """Trainer pickles its arguments next to the model; the record holds them as JSON, so a stage folder stays
+    pickle-free (loading a pickle can run code)."""
+    (Path(folder) / "training_args.bin").unlink(missing_ok=True)

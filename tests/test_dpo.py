@@ -28,7 +28,10 @@ def model_loads(monkeypatch):
 
 
 def _check_learned(rec):
-    before, after = rec["metrics"]["heldout_before"], rec["metrics"]["heldout"]
+    h = rec["metrics"]["heldout"]
+    assert h["metric"] == "rewards/accuracies" and h["examples"] > 0
+    before, after = h["detail"]["before"], h["detail"]["after"]
+    assert h["after"] == after["rewards/accuracies"] and h["before"] == before["rewards/accuracies"]
     assert abs(before["rewards/margins"]) < 1e-4, "before training the policy is the reference: margins are zero"
     assert after["rewards/margins"] > 0.02, after  # beta 0.1: the policy moved clearly towards the chosen replies
     # the chosen reply's log-probability rises relative to the rejected one's

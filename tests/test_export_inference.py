@@ -62,9 +62,7 @@ def test_export_full_stage(tiny_pretrained, tmp_path):
     assert rec["export"]["verify"]["transformers_loads"] is True
     card_text = (d / "README.md").read_text()
     assert str(d) in card_text and ".tmp" not in card_text
-    assert (
-        "steps" not in rec["metrics"] and rec["metrics"]["eval_loss"] == tiny_pretrained.record["metrics"]["eval_loss"]
-    )
+    assert "steps" not in rec["metrics"] and rec["metrics"]["heldout"] == tiny_pretrained.record["metrics"]["heldout"]
     assert not [p for p in d.parent.iterdir() if p.name.startswith(".exp.tmp")]
 
 

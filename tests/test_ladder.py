@@ -1,5 +1,5 @@
 """The learning ladder on the tiny task, for real: pretraining knows no answers, SFT teaches the task, GRPO adds to
-it. Full-length pretraining and SFT (the recipes' own step counts), then a short GRPO; ~7 minutes on one core."""
+it. Full-length pretraining and SFT (the recipes' own step counts), then a short GRPO."""
 
 from __future__ import annotations
 
@@ -50,12 +50,12 @@ def test_pretraining_alone_does_not_answer(ladder):
 def test_sft_teaches_the_task(ladder):
     _, sft, grpo = ladder
     assert accuracy(sft.output_dir) >= 0.40
-    assert grpo.record["metrics"]["heldout_accuracy_before"] == pytest.approx(accuracy(sft.output_dir))
+    assert grpo.record["metrics"]["heldout"]["before"] == pytest.approx(accuracy(sft.output_dir))
 
 
 def test_grpo_raises_heldout_accuracy(ladder):
     _, _, grpo = ladder
     m = grpo.record["metrics"]
-    # measured: 75.7% -> 87.3% in 80 steps; the bar leaves room for seed-to-seed spread
-    assert m["heldout_accuracy"] >= m["heldout_accuracy_before"] + 0.05, m
+    # the bar leaves room for seed-to-seed spread (the README's lifecycle table shows typical gains)
+    assert m["heldout"]["after"] >= m["heldout"]["before"] + 0.05, m
     assert m["reward_last_logged"] > m["reward_first_logged"]

@@ -20,7 +20,8 @@ def test_loss_falls_clearly(tiny_pretrained):
     m = tiny_pretrained.record["metrics"]
     assert m["steps"] == 80
     assert m["last_logged_loss"] < 0.6 * m["first_logged_loss"], m
-    assert m["eval_loss"] < 3.0, m
+    assert m["heldout"]["metric"] == "eval_loss" and m["heldout"]["after"] < 3.0, m
+    assert m["heldout"]["detail"]["eval_perplexity"] > 1.0
 
 
 def test_folder_reloads_and_generates(tiny_pretrained):

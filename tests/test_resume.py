@@ -16,6 +16,7 @@ import pytest
 
 import hfrecipes
 from hfrecipes import cli, record
+from hfrecipes.stagerun import StageRun
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(hfrecipes.__file__).parents[1])}
 
@@ -89,7 +90,7 @@ def test_sft_killed_mid_training_resumes_with_the_same_curve(tiny_pretrained, tm
 
 def test_incomplete_checkpoints_are_skipped(tmp_path):
     out = tmp_path / "run"
-    record.start_run(out, "sft")
+    StageRun("sft", out, {}).start()
     for step in (2, 4, 6):
         ck = out / f"checkpoint-{step}"
         ck.mkdir(parents=True)

@@ -22,7 +22,8 @@ def test_full_sft_loss_falls_and_the_record_chains_to_pretraining(tiny_sft, tiny
     rec = tiny_sft.record
     m = rec["metrics"]
     assert m["last_logged_loss"] < 0.8 * m["first_logged_loss"], m
-    assert m["eval_loss"] < m["first_logged_loss"]
+    assert m["heldout"]["metric"] == "eval_loss" and m["heldout"]["higher_is_better"] is False
+    assert m["heldout"]["after"] < m["first_logged_loss"] and m["heldout"]["examples"] > 0
     assert m["assistant_only_loss"] is True
     assert rec["status"] == "complete" and rec["stage"] == "sft"
     assert [r["stage"] for r in record.lineage(rec)] == ["pretrain", "sft"]

@@ -12,15 +12,15 @@ accelerate launch -m hfrecipes dpo --config qwen2.5-0.5b-instruct/dpo/lora
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import trl
 
 from hfrecipes import card, data, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
+from hfrecipes.record import Heldout
+from hfrecipes.stagerun import StageRun
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "dpo"
@@ -68,11 +68,8 @@ def heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: ModelConfig, recipe: dict):
     """Optimise the policy on preference pairs and write the stage folder; returns (output_dir, record)."""
     # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
-    output_dir = Path(training_args.output_dir)
-    resume_from = record.check_output_dir(output_dir, STAGE)
     modeling.check_model_args(model_args, parent_stage="sft")
-    parent = record.read_record(model_args.model_name_or_path)
-    rec = record.new_record(STAGE, recipe, parent)
+    run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: load and check before any model exists.
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
@@ -83,7 +80,7 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
 
     # Model: the policy, and the reference: a second copy only for full training without precomputed reference
     # log-probabilities; under LoRA the reference is the policy with its adapter disabled.
-    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     separate_reference = not model_args.use_peft and not training_args.precompute_ref_log_probs
     ref_model = modeling.load_pretrained(model_args) if separate_reference else None
@@ -97,31 +94,37 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
         eval_dataset=test_raw,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(model_args),
-        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
+        callbacks=run.callbacks(),
     )
-    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
-    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
-    rec["model"]["reference"] = "separate copy of the parent" if separate_reference else "adapter-disabled policy"
+    reference = "separate copy of the parent" if separate_reference else "adapter-disabled policy"
     if training_args.precompute_ref_log_probs and not model_args.use_peft:
-        rec["model"]["reference"] = "parent log-probabilities precomputed before training"
+        reference = "parent log-probabilities precomputed before training"
+    run.describe_model(trainer.model, model_args.model_name_or_path, model_args, reference=reference)
     before = trainer.evaluate() if test_raw is not None else {}
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
+    result = run.train(trainer)
     after = trainer.evaluate() if test_raw is not None else {}
 
-    # Save: model (or adapter), tokenizer, record, card (main process only).
-    trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
-        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
-        metrics = {
+    # Save: model (or adapter), tokenizer; record and card on the main process.
+    trainer.save_model(str(training_args.output_dir))
+    before, after = heldout(before, "eval"), heldout(after, "eval")
+    return run.finish(
+        trainer,
+        result,
+        script_args,
+        train_raw,
+        cutoff=stage_cutoff,
+        heldout=Heldout(
+            "rewards/accuracies",
+            after=after.get("rewards/accuracies"),
+            before=before.get("rewards/accuracies"),
+            examples=len(test_raw),
+            detail={"before": before, "after": after},
+        )
+        if test_raw is not None
+        else None,
+        metrics={
             "loss_type": list(training_args.loss_type),
             "beta": training_args.beta,
-            "heldout_before": heldout(before, "eval"),
-            "heldout": heldout(after, "eval"),
             "train_last_logged": {k: (record.logged(trainer, k) or [None])[-1] for k in HELDOUT_KEYS},
-        }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
-        record.close_run(output_dir, rec)
-    trainer.accelerator.wait_for_everyone()
-    return output_dir, record.read_record(output_dir)
+        },
+    )

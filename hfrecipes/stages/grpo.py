@@ -10,9 +10,7 @@ Held-out pass@1 accuracy (greedy) is measured before and after training and reco
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trl
 
@@ -20,6 +18,8 @@ from hfrecipes import card, data, evaluation, inference, modeling, record, rewar
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
+from hfrecipes.record import Heldout
+from hfrecipes.stagerun import StageRun
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "grpo"
@@ -115,9 +115,8 @@ def heldout(model, tokenizer, test_raw, training_args: GRPOConfig) -> dict:
 def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: ModelConfig, recipe: dict):
     """Train with group-relative rewards and write the stage folder; returns (output_dir, record)."""
     # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
-    output_dir = Path(training_args.output_dir)
-    resume_from = record.check_output_dir(output_dir, STAGE)
     modeling.check_model_args(model_args, parent_stage="sft")
+    run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
     if training_args.use_vllm:
         if not inference.vllm_available():
             raise UsageError(
@@ -125,8 +124,6 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
                 "on a CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
             )
         inference.cpu_vllm_defaults()
-    parent = record.read_record(model_args.model_name_or_path)
-    rec = record.new_record(STAGE, recipe, parent)
 
     # Rewards and data: resolved and checked before any model exists.
     funcs = reward_functions(training_args)
@@ -139,7 +136,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     tokenizer.padding_side = "left"
     train_raw = as_chat(train_raw, training_args.system_prompt, tokenizer)
     test_raw = as_chat(test_raw, training_args.system_prompt, tokenizer)
-    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     # Held-out evaluation runs on the main process only (the others wait at their first collective), so ranks do
     # not generate the same replies twice nor race to install the `evaluate` metric module.
@@ -154,32 +151,34 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
         train_dataset=train_raw,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(model_args),
-        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
+        callbacks=run.callbacks(),
     )
-    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
-    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
+    run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
+    result = run.train(trainer)
     after = (
         heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, test_raw, training_args) if main else {}
     )
 
-    # Save: model (or adapter), tokenizer, record, card (main process only).
-    trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
-        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
-        metrics = {
-            "heldout_accuracy_before": before.get("accuracy"),
-            "heldout_accuracy": after.get("accuracy"),
-            "heldout_prompts": after.get("total"),
-            "heldout_metric": training_args.eval_metric,
+    # Save: model (or adapter), tokenizer; record and card on the main process.
+    trainer.save_model(str(training_args.output_dir))
+    run.record["evaluation"] = {"before": before, "after": after}
+    return run.finish(
+        trainer,
+        result,
+        script_args,
+        train_raw,
+        cutoff=stage_cutoff,
+        heldout=Heldout(
+            training_args.eval_metric,
+            after=after.get("accuracy"),
+            before=before.get("accuracy"),
+            examples=after.get("total"),
+        )
+        if after
+        else None,
+        metrics={
             "reward_first_logged": (record.logged(trainer, "reward") or [None])[0],
             "reward_last_logged": (record.logged(trainer, "reward") or [None])[-1],
             "rewards": training_args.reward_funcs + (["reward_model"] if training_args.reward_model_path else []),
-        }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
-        rec["evaluation"] = {"before": before, "after": after}
-        record.close_run(output_dir, rec)
-    trainer.accelerator.wait_for_everyone()
-    return output_dir, record.read_record(output_dir)
+        },
+    )

@@ -6,18 +6,19 @@ accelerate launch -m hfrecipes pretrain --config tiny/pretrain --max_steps 50
 
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from hfrecipes import card, data, modeling, record
-from hfrecipes.cost import measured_emissions
+from hfrecipes import card, data, modeling
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
+from hfrecipes.record import Heldout
+from hfrecipes.stagerun import StageRun
 
 STAGE = "pretrain"
 COLUMNS = [["text"]]
@@ -100,8 +101,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
 
     # Records: refuse a folder we must not touch; find a checkpoint to resume. Nothing is written yet.
     output_dir = Path(training_args.output_dir)
-    resume_from = record.check_output_dir(output_dir, STAGE)
-    parent = record.read_record(model_args.model_name_or_path) if model_args.model_name_or_path else None
+    run = StageRun(STAGE, output_dir, recipe, parent_dir=model_args.model_name_or_path)
     if model_args.model_name_or_path is None and not (
         training_args.train_tokenizer or training_args.tokenizer_name_or_path
     ):
@@ -110,7 +110,6 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         )
     if model_args.model_name_or_path:
         modeling.check_model_path(model_args.model_name_or_path)
-    rec = record.new_record(STAGE, recipe, parent)
 
     # Data: load and check before any model exists.
     if script_args.dataset_columns is None and training_args.dataset_text_field != "text":
@@ -119,7 +118,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
 
     # Tokenizer: trained on the main process and saved into the stage folder, loaded by the others.
-    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    run.start(training_args.process_index == 0)
     with training_args.main_process_first(desc="tokenizer"):
         if (output_dir / "tokenizer_config.json").is_file():
             tokenizer = modeling.load_tokenizer(str(output_dir))
@@ -155,7 +154,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         )
         model = modeling.init_model(config, training_args.seed)
         source = f"random init from '{training_args.model_init_config}'"
-    rec["model"] = record.model_summary(model, source)
+    run.describe_model(model, source)
 
     # Trainer.
     trainer = PretrainTrainer(
@@ -165,64 +164,42 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
+        callbacks=run.callbacks(),
     )
-    start = time.perf_counter()
-    with measured_emissions(output_dir, enabled=trainer.is_world_process_zero()) as co2:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
+    result = run.train(trainer)
     eval_metrics = trainer.evaluate() if eval_ds is not None and len(eval_ds) > 0 else {}
 
-    # Save: model, tokenizer, record, card (main process only).
+    # Save: model, tokenizer; record and card on the main process.
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(output_dir)
-        record.drop_pickles(output_dir)
-        steps = trainer.state.global_step
-        batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        examples = steps * batch * training_args.world_size
-        tokens = examples * training_args.block_size
-        rec["data"] = {
-            "datasets": [
-                {
-                    "name": script_args.dataset_name,
-                    "split": script_args.dataset_train_split,
-                    "fingerprint": data.fingerprint(train_raw),
-                    "documents": len(train_raw),
-                    "blocks": len(train_ds),
-                }
-            ],
-            "examples_seen": examples,
-            "tokens_seen": tokens,
-            "epochs": trainer.state.epoch,
-            "knowledge_cutoff": stage_cutoff,
-            "model_cutoff": data.model_cutoff(stage_cutoff, parent, STAGE),
-        }
-        rec["compute"] = record.compute_summary(
-            rec["model"]["params_total"],
-            tokens,
-            trainer.state.total_flos,
-            wall,
-            record.device_info(training_args.world_size),
-            script_args=script_args,
-            measured_co2_kg=co2.kg,
+    examples = trainer.state.global_step * training_args.per_device_train_batch_size
+    examples *= training_args.gradient_accumulation_steps * training_args.world_size
+    eval_loss = eval_metrics.get("eval_loss")
+    return run.finish(
+        trainer,
+        result,
+        script_args,
+        train_raw,
+        datasets=[
+            {
+                "name": script_args.dataset_name,
+                "split": script_args.dataset_train_split,
+                "fingerprint": data.fingerprint(train_raw),
+                "documents": len(train_raw),
+                "blocks": len(train_ds),
+            }
+        ],
+        cutoff=stage_cutoff,
+        heldout=Heldout(
+            "eval_loss",
+            after=eval_loss,
+            examples=len(eval_ds),
+            higher_is_better=False,
+            detail={"eval_perplexity": math.exp(min(eval_loss, 50)) if eval_loss is not None else None},
         )
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        rec["metrics"] = {
-            "steps": steps,
-            "train_loss": result.training_loss,
-            "first_logged_loss": losses[0] if losses else None,
-            "last_logged_loss": losses[-1] if losses else None,
-            **{k: v for k, v in eval_metrics.items() if k in ("eval_loss",)},
-        }
-        if "eval_loss" in eval_metrics:
-            import math
-
-            rec["metrics"]["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50))
-        rec["status"] = "complete"
-        rec["finished"] = record.now()
-        record.write_record(output_dir, rec)
-        card.write_card(output_dir, rec)
-        (output_dir / record.MARKER).unlink(missing_ok=True)
-    trainer.accelerator.wait_for_everyone()
-    return output_dir, record.read_record(output_dir)
+        if eval_ds is not None
+        else None,
+        tokens=examples * training_args.block_size,
+        examples=examples,
+    )

@@ -7,16 +7,16 @@ accelerate launch -m hfrecipes sft --config qwen2.5-0.5b-instruct/sft/lora
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trl
 
-from hfrecipes import card, data, modeling, record
+from hfrecipes import card, data, modeling
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
+from hfrecipes.record import Heldout
+from hfrecipes.stagerun import StageRun
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "sft"
@@ -91,11 +91,8 @@ def check_chat_template(tokenizer, training_args: SFTConfig, conversational: boo
 def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, recipe: dict):
     """Fine-tune and write the stage folder; returns (output_dir, record)."""
     # Records: refuse a folder we must not touch; find a checkpoint to resume; the parent is the checkpoint's record.
-    output_dir = Path(training_args.output_dir)
-    resume_from = record.check_output_dir(output_dir, STAGE)
     modeling.check_model_args(model_args, parent_stage="pretrain")
-    parent = record.read_record(model_args.model_name_or_path)
-    rec = record.new_record(STAGE, recipe, parent)
+    run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: load and check before any model exists.
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
@@ -105,9 +102,10 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
     # Tokenizer: the checkpoint's, with a chat template that fits the data and the loss.
     tokenizer = modeling.load_stage_tokenizer(model_args)
     check_chat_template(tokenizer, training_args, conversational, model_args.model_name_or_path)
+    data.check_chat_data(train_raw, tokenizer, script_args.dataset_name, training_args.chat_template_path)
 
     # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
-    record.start_run(output_dir, STAGE, training_args.process_index == 0)
+    run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
 
     # Trainer.
@@ -118,26 +116,32 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
         eval_dataset=test_raw,
         processing_class=tokenizer,
         peft_config=modeling.peft_config(model_args),
-        callbacks=[record.metrics_callback(output_dir), record.finite_loss_callback(output_dir)],
+        callbacks=run.callbacks(),
     )
-    rec["model"] = record.model_summary(trainer.model, model_args.model_name_or_path)
-    rec["model"]["adapter"] = modeling.adapter_summary(trainer.model, model_args)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    wall = time.perf_counter() - start
+    run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
+    result = run.train(trainer)
     heldout = trainer.evaluate() if test_raw is not None else {}
 
-    # Save: model (or adapter), tokenizer, record, card (main process only).
-    trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
-        datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
-        metrics = {
+    # Save: model (or adapter), tokenizer; record and card on the main process.
+    trainer.save_model(str(training_args.output_dir))
+    return run.finish(
+        trainer,
+        result,
+        script_args,
+        train_raw,
+        cutoff=stage_cutoff,
+        heldout=Heldout(
+            "eval_loss",
+            after=heldout.get("eval_loss"),
+            examples=len(test_raw) if test_raw is not None else 0,
+            higher_is_better=False,
+            detail={"eval_mean_token_accuracy": heldout.get("eval_mean_token_accuracy")},
+        )
+        if test_raw is not None
+        else None,
+        metrics={
             "assistant_only_loss": training_args.assistant_only_loss,
             "completion_only_loss": trainer.completion_only_loss,
             "packing": training_args.packing,
-            **{k: v for k, v in heldout.items() if k in ("eval_loss", "eval_mean_token_accuracy")},
-        }
-        record.finish_record(rec, trainer, result, wall, datasets, stage_cutoff, metrics, script_args)
-        record.close_run(output_dir, rec)
-    trainer.accelerator.wait_for_everyone()
-    return output_dir, record.read_record(output_dir)
+        },
+    )

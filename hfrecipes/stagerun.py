@@ -1,0 +1,176 @@
+"""`StageRun`: the one owner of a stage run's record life, used by every stage and by export.
+
+A stage's `run()` keeps its training code in full and calls, in order:
+
+    run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
+    ...                                   # data and tokenizer checks: nothing written yet
+    run.start(training_args.process_index == 0)          # marks the folder as this run's
+    trainer = Trainer(..., callbacks=run.callbacks())     # metrics.jsonl, stop on a non-finite loss
+    run.describe_model(trainer.model, source, model_args)
+    result = run.train(trainer)                           # timed; CO2 measured where codecarbon is installed
+    trainer.save_model(...)
+    return run.finish(trainer, result, script_args, train_raw, cutoff=..., heldout=Heldout(...), metrics={...})
+
+`finish` fills data, compute and metrics, writes `record.json` and the card, drops Trainer's pickle and the run
+marker on the main process, waits for the other processes and returns `(output_dir, record)`. The record module
+holds the pieces; this one sits above both it and the card, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hfrecipes import card, record
+from hfrecipes.costs import measured_emissions
+from hfrecipes.data import model_cutoff
+from hfrecipes.record import Heldout
+
+
+class StageRun:
+    """The record of one stage run, from the output-folder check to the closed folder.
+
+    The constructor checks the output folder (a refusal writes nothing) and finds the checkpoint to resume
+    (`resume_from`); `parent_dir` is the folder of the checkpoint the stage starts from, whose record becomes the
+    parent (None for a model with no hfrecipes record, or no parent at all).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        output_dir: str | Path,
+        recipe: dict[str, Any],
+        parent_dir: str | Path | None = None,
+        check_output: bool = True,
+    ):
+        self.stage = stage
+        self.output_dir = Path(output_dir)
+        self.resume_from = record.check_output_dir(self.output_dir, stage) if check_output else None
+        self.parent = record.read_record(parent_dir) if parent_dir else None
+        self.record = record.new_record(stage, recipe, self.parent)
+        self.wall_seconds: float | None = None
+        self.co2_kg: float | None = None
+
+    # ------------------------------------------------------------------------------------------------ start
+
+    def start(self, is_main: bool = True) -> None:
+        """Mark the folder as this stage's, so a rerun after a kill resumes instead of refusing."""
+        if is_main:
+            marker = {"stage": self.stage, "started": record.now()}
+            record.atomic_write_text(self.output_dir / record.MARKER, json.dumps(marker) + "\n")
+
+    def callbacks(self) -> list:
+        """The trainer callbacks every stage takes: every log to `metrics.jsonl`; stop on a non-finite loss."""
+        return [record.metrics_callback(self.output_dir), record.finite_loss_callback(self.output_dir)]
+
+    def describe_model(self, model, source: str, model_args=None, dtype: str | None = None, **extra) -> None:
+        """The record's model block: architecture, parameter counts, dtype, the LoRA adapter where there is one."""
+        self.record["model"] = record.model_summary(model, source, dtype)
+        if model_args is not None:
+            from hfrecipes.modeling import adapter_summary
+
+            self.record["model"]["adapter"] = adapter_summary(model, model_args)
+        self.record["model"].update(extra)
+
+    # ------------------------------------------------------------------------------------------------ train
+
+    @contextlib.contextmanager
+    def measured(self, enabled: bool = True):
+        """Time a block and, where codecarbon is installed and `enabled` (the main process), measure its CO2."""
+        start = time.perf_counter()
+        with measured_emissions(self.output_dir, enabled=enabled) as co2:
+            try:
+                yield
+            finally:
+                self.wall_seconds = time.perf_counter() - start
+        self.co2_kg = co2.kg
+
+    def train(self, trainer, **kwargs):
+        """`trainer.train()` from the checkpoint to resume (if any), measured."""
+        with self.measured(trainer.is_world_process_zero()):
+            return trainer.train(resume_from_checkpoint=self.resume_from, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- finish
+
+    def fill(
+        self,
+        trainer,
+        result,
+        script_args,
+        train_raw,
+        *,
+        cutoff: dict[str, Any],
+        heldout: Heldout | None = None,
+        metrics: dict[str, Any] | None = None,
+        datasets: list[dict[str, Any]] | None = None,
+        tokens: int | None = None,
+        examples: int | None = None,
+    ) -> dict[str, Any]:
+        """Fill data, compute and metrics from the trainer, and mark the record complete.
+
+        `script_args` names the training data (`train_raw`) and carries the recipe's cost overrides (device price,
+        power, PUE, grid intensity); `datasets` replaces the default entry of that data. Tokens seen default to
+        TRL's own count (`num_tokens`, every token of every sequence the model read); examples to optimizer steps x
+        global batch (a preference pair is one example).
+        """
+        args, rec = trainer.args, self.record
+        if datasets is None:
+            datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
+        steps = trainer.state.global_step
+        if examples is None:
+            examples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if tokens is None:
+            tokens = int((record.logged(trainer, "num_tokens") or [0])[-1])
+        losses = record.logged(trainer, "loss")
+        rec["data"] = {
+            "datasets": datasets,
+            "examples_seen": examples,
+            "tokens_seen": tokens,
+            "epochs": trainer.state.epoch,
+            "knowledge_cutoff": cutoff,
+            "model_cutoff": model_cutoff(cutoff, self.parent, self.stage),
+        }
+        rec["compute"] = record.compute_summary(
+            rec["model"]["params_total"],
+            tokens,
+            trainer.state.total_flos,
+            self.wall_seconds or 0.0,
+            record.device_info(args.world_size),
+            script_args=script_args,
+            measured_co2_kg=self.co2_kg,
+        )
+        rec["metrics"] = {
+            "steps": steps,
+            "train_loss": getattr(result, "training_loss", None),
+            "first_logged_loss": losses[0] if losses else None,
+            "last_logged_loss": losses[-1] if losses else None,
+            "heldout": heldout.to_dict() if heldout is not None else None,
+            **(metrics or {}),
+        }
+        return self.complete()
+
+    def complete(self) -> dict[str, Any]:
+        self.record["status"] = "complete"
+        self.record["finished"] = record.now()
+        record.Record.parse(self.record, f"{self.output_dir / record.RECORD} (being written)")
+        return self.record
+
+    def close(self, name: str | Path | None = None) -> None:
+        """Write the finished record and its card, then drop Trainer's pickled arguments (the record holds them as
+        JSON; loading a pickle can run code) and the run marker: the folder is a complete stage. `name` is the
+        path the card calls the model by, when the folder is written under a temporary name first."""
+        record.write_record(self.output_dir, self.record)
+        card.write_card(self.output_dir, self.record, name=name)
+        record.drop_pickles(self.output_dir)
+        (self.output_dir / record.MARKER).unlink(missing_ok=True)
+
+    def finish(self, trainer, result, script_args, train_raw, **fill) -> tuple[Path, dict[str, Any]]:
+        """On the main process `fill` and `close`; every process then waits for it. Returns (folder, record)."""
+        if trainer.is_world_process_zero():
+            self.fill(trainer, result, script_args, train_raw, **fill)
+            self.close()
+        trainer.accelerator.wait_for_everyone()
+        return self.output_dir, record.read_record(self.output_dir)

@@ -1,0 +1,182 @@
+"""The stage contract checked across stages: every finished folder holds a record the schema reads, a card, no
+pickle and no run marker; measured CO2 reaches every stage's record; no import cycle anywhere in the package.
+
+pytest tests/test_contract.py -q
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import hfrecipes
+from hfrecipes import card, record
+
+PACKAGE = Path(hfrecipes.__file__).parent
+FAST = {"max_steps": 2, "logging_steps": 1, "save_strategy": "no"}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_pretrained, tiny_sft, tmp_path_factory):
+    """One finished folder per trained stage (a few steps each) and an export."""
+    root = tmp_path_factory.mktemp("contract")
+    parent = {"model_name_or_path": str(tiny_sft.output_dir)}
+    folders = {"pretrain": tiny_pretrained, "sft": tiny_sft}
+    folders["sft_lora"] = hfrecipes.sft("tiny/sft_lora", output_dir=str(root / "sft_lora"), **parent, **FAST)
+    folders["reward"] = hfrecipes.reward("tiny/reward", output_dir=str(root / "reward"), **parent, **FAST)
+    folders["dpo"] = hfrecipes.dpo("tiny/dpo", output_dir=str(root / "dpo"), max_train_samples=64, **parent, **FAST)
+    folders["grpo"] = hfrecipes.grpo("tiny/grpo", output_dir=str(root / "grpo"), eval_samples=8, **parent, **FAST)
+    folders["export"] = hfrecipes.export(tiny_sft.output_dir, root / "tiny" / "export", use_vllm=False)
+    return folders
+
+
+STAGES = ["pretrain", "sft", "sft_lora", "reward", "dpo", "grpo", "export"]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_finished_folder_holds_record_card_and_no_pickle(finished, name):
+    out = finished[name].output_dir
+    assert not list(out.glob("*.bin")), "a finished stage folder holds no pickle"
+    assert not (out / record.MARKER).exists()
+    rec = record.load_record(out)
+    assert rec.status == "complete" and rec.schema == record.SCHEMA_VERSION
+    assert rec.model.params_total > 0 and rec.compute.wall_seconds > 0
+    assert "<!--" not in (out / "README.md").read_text()[:20]  # our template rendered, not a placeholder
+    if name != "export":
+        assert rec.metrics.steps == FAST["max_steps"] or name in ("pretrain", "sft")
+
+
+@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "grpo"])
+def test_each_stage_records_one_heldout_block_the_card_shows(finished, name):
+    rec = record.load_record(finished[name].output_dir)
+    h = rec.metrics.heldout
+    assert h is not None and isinstance(h.after, float) and h.examples > 0, h
+    if name in ("reward", "dpo", "grpo"):  # measured before training as well
+        assert isinstance(h.before, float)
+    text = (finished[name].output_dir / "README.md").read_text()
+    assert f"Held-out evaluation of the {rec.stage} stage: {h.metric}:" in text
+
+
+def test_export_card_names_the_model_and_lists_only_training_stages(finished, tiny_sft):
+    out = finished["export"].output_dir
+    text = (out / "README.md").read_text()
+    assert text.split("\n# ", 1)[1].startswith("tiny-sft\n"), "heading: the run's name and the trained stage"
+    lineage = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "|" in line[2:]]
+    assert "export" not in lineage and "pretrain" in lineage and "sft" in lineage
+    assert "0 tokens/s" not in text
+    sft_wall = card._duration(tiny_sft.record["compute"]["wall_seconds"])
+    assert f"for {sft_wall}" in text, "the compute paragraph describes the stage that trained the weights"
+    meta = card.card_data(record.read_record(out), *card.lineage_numbers(record.read_record(out)))
+    assert [s["stage"] for s in meta.hfrecipes["lineage"]] == ["pretrain", "sft"]
+
+
+def test_codecarbon_measurement_reaches_a_fine_tuning_record(tiny_sft, tmp_path, monkeypatch):
+    """Measured CO2 (codecarbon, where installed) is recorded by every stage, not only pretraining."""
+    started = []
+
+    class Tracker:
+        def __init__(self, **kwargs):
+            started.append(kwargs)
+
+        def start(self):
+            pass
+
+        def stop(self):
+            return 0.000123
+
+    monkeypatch.setitem(sys.modules, "codecarbon", types.SimpleNamespace(OfflineEmissionsTracker=Tracker))
+    out = hfrecipes.dpo(
+        "tiny/dpo",
+        model_name_or_path=str(tiny_sft.output_dir),
+        output_dir=str(tmp_path / "dpo"),
+        max_train_samples=32,
+        **FAST,
+    )
+    compute = out.record["compute"]
+    assert started and compute["co2_source"] == "codecarbon" and compute["co2_kg"] == 0.000123
+    assert "(CO2: codecarbon)" in (out.output_dir / "README.md").read_text()
+
+
+def test_a_damaged_record_is_one_clear_error(tmp_path):
+    from hfrecipes.errors import UsageError
+
+    (tmp_path / record.RECORD).write_text(json.dumps({"stage": "sft", "run_id": "x", "status": "complete"}))
+    assert record.load_record(tmp_path).metrics.heldout is None  # a minimal record reads
+    bad = {"stage": "sft", "run_id": "x", "status": "complete", "compute": {"wall_seconds": "fast"}}
+    (tmp_path / record.RECORD).write_text(json.dumps(bad))
+    with pytest.raises(UsageError, match="compute.wall_seconds: expected a number"):
+        record.read_record(tmp_path)
+    bad = {"stage": "sft", "run_id": "x", "status": "complete", "metrics": {"heldout": {"after": 0.5}}}
+    (tmp_path / record.RECORD).write_text(json.dumps(bad))
+    with pytest.raises(UsageError, match="metrics.heldout: a held-out block needs a 'metric'"):
+        record.read_record(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- import graph
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Every hfrecipes module `path` imports, at module level or inside a function."""
+    found = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("hfrecipes")}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        # `from hfrecipes import x` names module hfrecipes.x when there is one; the package itself otherwise
+        graph[name] = {m for m in _imports(path, name) if m in modules and m != name}
+    # importing a submodule runs its package's __init__ first, which is not an edge of the submodule's own
+    return {n: {m for m in deps if not n.startswith(m + ".")} for n, deps in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, state, stack = [], {}, []
+
+    def visit(n):
+        state[n] = "open"
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == "open":
+                cycles.append(stack[stack.index(m) :] + [m])
+            elif m not in state:
+                visit(m)
+        stack.pop()
+        state[n] = "done"
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n)
+    return cycles
+
+
+def test_no_import_cycle_in_the_package_not_even_inside_a_function():
+    graph = _graph()
+    assert "hfrecipes.card" in graph["hfrecipes.stagerun"] and "hfrecipes.record" in graph["hfrecipes.card"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
