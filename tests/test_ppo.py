@@ -1,4 +1,5 @@
-"""PPO: the arithmetic by hand, the first update's ratio, reward rising on the tiny chain, LoRA, resume, bad input."""
+"""PPO: the arithmetic and the advantages phase by hand, the Trainer internals it drives, the first update's ratio,
+reward rising on the tiny chain, LoRA, resume, bad input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from conftest import TWO_CPU_PROCESSES
 import hfrecipes
 from hfrecipes import modeling, rewards
 from hfrecipes.errors import UsageError
-from hfrecipes.stages import ppo
+from hfrecipes.stages import ppo_trainer, trainer_internals
+from hfrecipes.stages.ppo_trainer import Rollout, Scores
 
 # Small rollouts so the whole file stays within a few minutes on one core: 32 replies per step, 2 x 2 updates.
 FAST = dict(
@@ -63,7 +65,7 @@ def test_gae_and_whitening_by_hand():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.0]])
     values = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])  # 9.0 lies past the second reply's end: ignored
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    advantages, returns = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    advantages, returns = ppo_trainer.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     # delta_t = r_t + 0.9 V_{t+1} - V_t (V = 0 after a reply's last token); A_t = delta_t + 0.72 A_{t+1}
     a02 = 1.0 - 0.3
     a01 = (0.9 * 0.3 - 0.2) + 0.72 * a02
@@ -76,33 +78,103 @@ def test_gae_and_whitening_by_hand():
 
     flat = [a00, a01, a02, a10, a11]
     mean, std = statistics.mean(flat), statistics.stdev(flat)  # the unbiased variance, as TRL's masked_whiten
-    white = ppo.whiten(advantages, mask) * mask
+    white = ppo_trainer.whiten(advantages, mask) * mask
     assert torch.allclose(
         white,
         torch.tensor([[(a - mean) / std for a in flat[:3]], [*((a - mean) / std for a in flat[3:]), 0.0]]),
         atol=1e-5,
     )
-    assert torch.allclose(ppo.whiten(advantages, mask, shift_mean=False) * mask, (white + mean) * mask, atol=1e-5)
+    assert torch.allclose(
+        ppo_trainer.whiten(advantages, mask, shift_mean=False) * mask, (white + mean) * mask, atol=1e-5
+    )
+
+
+def test_advantages_phase_by_hand():
+    """KL penalty on every reply token, the score on the last, GAE, then whitening: two replies, the second one token
+    shorter (its padded position holds numbers that must be ignored)."""
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rollout = Rollout(
+        query=torch.zeros(2, 1, dtype=torch.long),
+        query_mask=torch.ones(2, 1, dtype=torch.long),
+        response=torch.zeros(2, 3, dtype=torch.long),
+        response_mask=mask,
+        ended=torch.tensor([True, True]),
+        logprobs=torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -1.0, -3.0]]),
+        ref_logprobs=torch.tensor([[-1.2, -1.5, -0.5], [-1.0, -1.0, -0.1]]),
+        values=torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]]),
+    )
+    scores = Scores(total=torch.tensor([1.0, 0.5]), reward_means={})
+    out = ppo_trainer.estimate_advantages(rollout, scores, kl_coef=0.1, gamma=0.9, lam=0.8, whiten_rewards=False)
+    assert torch.allclose(out.kl, torch.tensor([[0.2, -0.5, 0.0], [-0.5, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(out.non_score, torch.tensor([[-0.02, 0.05, 0.0], [0.05, 0.0, 0.0]]), atol=1e-6)
+    # token rewards: [-0.02, 0.05, 0.0 + 1.0] and [0.05, 0.0 + 0.5]; A_t = r_t + 0.9 V_{t+1} - V_t + 0.72 A_{t+1}
+    a02 = 1.0 - 0.3
+    a01 = (0.05 + 0.9 * 0.3 - 0.2) + 0.72 * a02
+    a00 = (-0.02 + 0.9 * 0.2 - 0.1) + 0.72 * a01
+    a11 = 0.5 - 0.5
+    a10 = (0.05 + 0.9 * 0.5 - 0.4) + 0.72 * a11
+    raw = torch.tensor([[a00, a01, a02], [a10, a11, 0.0]])
+    assert torch.allclose(out.returns, raw + torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0]]), atol=1e-6)
+    flat = [a00, a01, a02, a10, a11]
+    mean, std = statistics.mean(flat), statistics.stdev(flat)
+    white = [[(a - mean) / std for a in flat[:3]], [*((a - mean) / std for a in flat[3:]), 0.0]]
+    assert torch.allclose(out.advantages, torch.tensor(white), atol=1e-5)
 
 
 def test_clipped_losses_and_adaptive_kl_by_hand():
-    args = ppo.PPOConfig(output_dir="unused", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    clip = dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
     mask = torch.ones(1, 2)
     old = torch.zeros(1, 2)
     # First update: the same log-probabilities, so the ratio is 1 and nothing is clipped.
-    loss, s = ppo.ppo_losses(old, old, torch.tensor([[1.0, -1.0]]), old, old, old, mask, args)
+    loss, s = ppo_trainer.ppo_losses(old, old, torch.tensor([[1.0, -1.0]]), old, old, old, mask, **clip)
     assert s["ratio"] == 1 and s["max_ratio_dev"] == 0 and s["clipfrac"] == 0 and s["approxkl"] == 0
     # Ratio 1.5 with a positive advantage is clipped to 1.2; a value moved by 0.5 towards return 1 is clipped to 0.2.
     new = torch.full((1, 2), math.log(1.5))
-    loss, s = ppo.ppo_losses(new, old, torch.ones(1, 2), torch.full((1, 2), 0.5), old, torch.ones(1, 2), mask, args)
+    value, ones = torch.full((1, 2), 0.5), torch.ones(1, 2)
+    loss, s = ppo_trainer.ppo_losses(new, old, ones, value, old, ones, mask, **clip)
     assert s["clipfrac"] == 1 and s["policy_loss"] == pytest.approx(-1.2)
     assert s["value_loss"] == pytest.approx(0.5 * (1 - 0.2) ** 2) and s["value_clipfrac"] == 1
     assert loss == pytest.approx(-1.2 + 0.1 * 0.5 * 0.8**2)
     # Adaptive KL: the proportional error is clipped to +-0.2 and scaled by replies / horizon.
-    assert ppo.adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, n_steps=64) == pytest.approx(
+    assert ppo_trainer.adapt_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, n_steps=64) == pytest.approx(
         0.1 * (1 + 0.2 * 64 / 10000)
     )
-    assert ppo.adapt_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, n_steps=10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert ppo_trainer.adapt_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, n_steps=10) == pytest.approx(
+        0.1 * (1 - 0.1 * 0.1)
+    )
+
+
+# ------------------------------------------------------------------------------------ Trainer internals
+
+
+def test_trainer_internals_match_the_installed_transformers(tmp_path):
+    """PPO's loop drives private parts of `transformers.Trainer`; each one it needs is there, with a signature that
+    takes the call made. On a transformers release that changed one, this fails and names it."""
+    import transformers
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = transformers.Trainer(model=torch.nn.Linear(2, 1), args=args)
+    problems = trainer_internals.check(trainer)
+    assert problems == [], "\n".join(problems)
+
+
+def test_trainer_internals_check_names_what_changed(tmp_path):
+    import transformers
+
+    class Changed(transformers.Trainer):
+        def _load_rng_state(self, checkpoint, strict):  # a new required argument
+            pass
+
+        _save_checkpoint = None  # gone
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = Changed(model=torch.nn.Linear(2, 1), args=args)
+    del trainer.current_flos
+    problems = trainer_internals.check(trainer)
+    assert len(problems) == 3, problems
+    assert "_load_rng_state" in problems[0] and "strict" in problems[0]
+    assert "_save_checkpoint: missing" in problems[1]
+    assert "current_flos: attribute missing" in problems[2]
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -111,11 +183,12 @@ def test_clipped_losses_and_adaptive_kl_by_hand():
 def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
     out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4)
     m = out.record["metrics"]
-    print("ppo tiny:", {k: v for k, v in m.items() if k != "heldout_examples"})
-    assert m["steps"] == 20
-    assert m["heldout_reward"] > m["heldout_reward_before"] + 0.03, m
-    assert m["heldout_kl"] < 10 and m["kl"] < 10, m
-    assert m["heldout_accuracy_before"] is not None and m["heldout_accuracy"] is not None
+    h = m["heldout"]
+    print("ppo tiny:", {k: v for k, v in h.items() if k != "detail"}, {k: v for k, v in m.items() if k != "heldout"})
+    assert m["steps"] == 20 and h["metric"] == "heldout_reward" and h["examples"] == 96
+    assert h["after"] > h["before"] + 0.03, h
+    assert h["detail"]["kl"] < 10 and m["kl"] < 10, m
+    assert h["detail"]["accuracy_before"] is not None and h["detail"]["accuracy"] is not None
     logs = [r for r in _logs(out.output_dir) if "score" in r]
     assert len(logs) == 20
     for key in (
@@ -141,7 +214,7 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
 
 def test_lora_keeps_base_bit_identical_and_moves_adapter(chain, tmp_path, monkeypatch):
     seen = {}
-    train = ppo.PPOTrainer.train
+    train = ppo_trainer.PPOTrainer.train
 
     def spy(self, *args, **kwargs):
         before = {n: p.detach().clone() for n, p in self.model.policy.named_parameters()}
@@ -151,7 +224,7 @@ def test_lora_keeps_base_bit_identical_and_moves_adapter(chain, tmp_path, monkey
         seen["lora_moved"] = [n for n in before if "lora_B" in n and not torch.equal(before[n], after[n])]
         return result
 
-    monkeypatch.setattr(ppo.PPOTrainer, "train", spy)
+    monkeypatch.setattr(ppo_trainer.PPOTrainer, "train", spy)
     out = _ppo(
         chain,
         tmp_path / "lora",
@@ -212,7 +285,7 @@ def test_reward_model_with_another_tokenizer_reads_text(chain, tmp_path):
 
     out = _ppo(chain, tmp_path / "ppo", reward_model_path=str(rm_dir), max_steps=1, heldout_max_prompts=8)
     assert out.record["model"]["value_model"] == f"critic from {chain['sft']}"
-    assert math.isfinite(out.record["metrics"]["heldout_reward"])
+    assert math.isfinite(out.record["metrics"]["heldout"]["after"])
     # The score is the reward model's on the re-tokenized text of the reply.
     scorer = rewards.reward_model_scorer(str(rm_dir))
     prompt = [{"role": "user", "content": "What is 1 plus 2?"}]
@@ -265,9 +338,9 @@ import torch
 torch.set_num_threads(1)
 import hfrecipes
 from hfrecipes import modeling, rewards
-from hfrecipes.stages import ppo
+from hfrecipes.stages import ppo_trainer
 
-train = ppo.PPOTrainer.train
+train = ppo_trainer.PPOTrainer.train
 def spy(self, *args, **kwargs):
     result = train(self, *args, **kwargs)
     h = hashlib.sha256()
@@ -276,7 +349,7 @@ def spy(self, *args, **kwargs):
     out = sys.argv[1] + f".rank{self.args.process_index}"
     open(out, "w").write(h.hexdigest())
     return result
-ppo.PPOTrainer.train = spy
+ppo_trainer.PPOTrainer.train = spy
 hfrecipes.ppo("tiny/ppo", **json.loads(sys.argv[2]))
 """
 

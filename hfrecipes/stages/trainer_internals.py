@@ -1,0 +1,163 @@
+"""The private parts of `transformers.Trainer` that a training loop of our own drives, fenced in one place.
+
+`Trainer.train()` runs Transformers' loop; PPO (`stages/ppo_trainer.py`) runs its own (rollouts, then epochs of
+minibatch updates) and still wants the Trainer's optimizer and scheduler, callbacks, logging, checkpoints and resume.
+Those pieces are not public API: `Trainer._inner_training_loop` drives them, and no hook lets another loop do so.
+These functions are the only code that touches them, each saying why; `CALLS` lists what they need of the installed
+transformers, and `check()` compares the two (tests/test_ppo.py runs it, so an upstream rename or a changed
+signature fails there, by name, rather than halfway through a run).
+Delete a function here when transformers offers a public way to do what it does.
+
+    pytest tests/test_ppo.py -k internals
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Any
+
+import transformers
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import TrainOutput
+
+# What the functions below call on a Trainer: method -> (positional arguments after self, keyword names, why).
+CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
+    "create_optimizer_and_scheduler": (0, ("num_training_steps",), "build the optimizer and schedule for N updates"),
+    "_load_optimizer_and_scheduler": (1, (), "restore optimizer and scheduler from a checkpoint on resume"),
+    "_load_rng_state": (1, (), "restore the RNG states of a checkpoint, so a resumed run samples the same replies"),
+    "_save_checkpoint": (1, ("trial",), "write a checkpoint: model, optimizer, scheduler, RNG, state, rotation"),
+    "save_model": (1, ("_internal_call",), "overridden; `_save_checkpoint` calls it with _internal_call=True"),
+    "store_flos": (0, (), "add the loop's FLOP count (`current_flos`) to state.total_flos"),
+    "log": (1, (), "append to state.log_history and fire on_log"),
+}
+# Attributes Trainer.__init__ sets that the loop reads or replaces.
+ATTRIBUTES: dict[str, str] = {
+    "accelerator": "backward, no_sync, gather and prepare for the loop's own steps",
+    "callback_handler": "fire the callback events the loop passes through",
+    "control": "the callbacks' answer (should_log, should_save, should_training_stop)",
+    "state": "step, epoch, log history and FLOPs, saved in every checkpoint",
+    "current_flos": "the per-process FLOP counter `store_flos` adds up",
+    "model_wrapped": "the model as `accelerator.prepare` wrapped it (DDP); `_save_checkpoint` and unwrap read it",
+}
+EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_save", "on_train_end")  # (args, state, control)
+STATE_FIELDS = (
+    "global_step", "epoch", "max_steps", "logging_steps", "save_steps", "is_local_process_zero",
+    "is_world_process_zero", "total_flos", "log_history", "stateful_callbacks",
+)  # fmt: skip
+CONTROL_FLAGS = ("should_log", "should_save", "should_training_stop")
+
+
+def begin_training(trainer: transformers.Trainer, num_updates: int, max_steps: int, resume_from: str | None) -> int:
+    """Optimizer, scheduler and `accelerator.prepare`; a fresh `TrainerState` (or the checkpoint's, with optimizer,
+    scheduler and RNG states); `on_train_begin`. Returns the step to start from.
+
+    The model's own weights must be loaded before this (the optimizer is built on its parameters)."""
+    trainer.create_optimizer_and_scheduler(num_training_steps=num_updates)
+    trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler = trainer.accelerator.prepare(
+        trainer.model, trainer.optimizer, trainer.lr_scheduler
+    )
+    # As Trainer's own loop builds it: `_save_checkpoint` looks up each stateful callback by name in this list.
+    trainer.state = transformers.TrainerState(
+        stateful_callbacks=[
+            c for c in [*trainer.callback_handler.callbacks, trainer.control] if isinstance(c, ExportableState)
+        ]
+    )
+    state = trainer.state
+    state.max_steps = max_steps
+    state.logging_steps = trainer.args.logging_steps
+    state.save_steps = trainer.args.save_steps
+    state.is_local_process_zero = trainer.is_local_process_zero()
+    state.is_world_process_zero = trainer.is_world_process_zero()
+    if resume_from:
+        trainer.state = transformers.TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        trainer._load_optimizer_and_scheduler(resume_from)
+        trainer._load_rng_state(resume_from)
+    start_step = trainer.state.global_step
+    fire(trainer, "on_train_begin")
+    trainer.current_flos = 0.0
+    return start_step
+
+
+def fire(trainer: transformers.Trainer, event: str) -> None:
+    """One callback event (`on_step_begin`, ...), as Trainer's loop fires it."""
+    trainer.control = getattr(trainer.callback_handler, event)(trainer.args, trainer.state, trainer.control)
+
+
+def add_flos(trainer: transformers.Trainer, flos: float) -> None:
+    """Count FLOPs the loop did; Trainer's own count (`floating_point_ops`) assumes one forward-backward per batch."""
+    trainer.current_flos += flos
+
+
+def end_step(
+    trainer: transformers.Trainer, global_step: int, epoch: float, logs: dict[str, float], last: bool
+) -> bool:
+    """After a step: advance the state, `on_step_end`, log and checkpoint where the callbacks ask (always log the last
+    step); returns whether the callbacks stop training. Trainer's `_maybe_log_save_evaluate` does this for its loop."""
+    trainer.state.global_step = global_step
+    trainer.state.epoch = epoch
+    fire(trainer, "on_step_end")
+    if trainer.control.should_log or last:
+        trainer.log(logs)
+    if trainer.control.should_save:
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        fire(trainer, "on_save")
+    return trainer.control.should_training_stop
+
+
+def finish_training(trainer: transformers.Trainer, train_loss: float, started: float) -> TrainOutput:
+    """FLOPs into the state, the closing log (runtime since `started`, a `time.perf_counter()`), `on_train_end`."""
+    trainer.store_flos()
+    metrics = {
+        "train_runtime": time.perf_counter() - started,
+        "train_loss": train_loss,
+        "total_flos": trainer.state.total_flos,
+    }
+    trainer.log(metrics)
+    fire(trainer, "on_train_end")
+    return TrainOutput(trainer.state.global_step, train_loss, metrics)
+
+
+def check(trainer: transformers.Trainer) -> list[str]:
+    """What the functions above need of `trainer` (a built Trainer) that it lacks: one line per missing method,
+    changed signature, attribute, callback event or state field. Empty when all is there."""
+    problems = []
+
+    def fits(owner: str, fn: Any, positional: int, keywords: tuple[str, ...], why: str) -> None:
+        try:
+            inspect.signature(fn).bind(*[None] * positional, **dict.fromkeys(keywords))
+        except TypeError as e:
+            problems.append(
+                f"{owner}: takes {inspect.signature(fn)}, called with {positional} positional argument(s) and "
+                f"keywords {list(keywords)} ({e}); hfrecipes calls it to {why}"
+            )
+
+    for name, (positional, keywords, why) in CALLS.items():
+        fn = getattr(trainer, name, None)
+        if not callable(fn):
+            problems.append(f"transformers.Trainer.{name}: missing; hfrecipes calls it to {why}")
+        else:
+            fits(f"transformers.Trainer.{name}", fn, positional, keywords, why)
+    for name, why in ATTRIBUTES.items():
+        if not hasattr(trainer, name):
+            problems.append(
+                f"transformers.Trainer.{name}: attribute missing after __init__; hfrecipes reads it: {why}"
+            )
+    for event in EVENTS:
+        fn = getattr(getattr(trainer, "callback_handler", None), event, None)
+        if not callable(fn):
+            problems.append(f"transformers CallbackHandler.{event}: missing; hfrecipes fires it from its own loop")
+        else:
+            fits(f"transformers CallbackHandler.{event}", fn, 3, (), "fire callback events from its own loop")
+    fits("transformers.TrainerState", transformers.TrainerState, 0, ("stateful_callbacks",), "build the state")
+    fits("transformers.TrainerState.load_from_json", transformers.TrainerState.load_from_json, 1, (), "resume")
+    fields = set(getattr(transformers.TrainerState, "__dataclass_fields__", {}))
+    for f in STATE_FIELDS:
+        if f not in fields:
+            problems.append(f"transformers.TrainerState.{f}: field missing; hfrecipes' loop sets or reads it")
+    control = getattr(trainer, "control", None)
+    for f in CONTROL_FLAGS:
+        if control is not None and not hasattr(control, f):
+            problems.append(f"transformers.TrainerControl.{f}: missing; hfrecipes' loop reads it")
+    return problems
