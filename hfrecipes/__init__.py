@@ -5,11 +5,6 @@ out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
 print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
-# `hfrecipes.cost` and `hfrecipes.lifecycle` are API functions. The modules of the same names are imported first, so
-# that loading them later cannot replace the functions on the package; code reaches the modules with
-# `from hfrecipes.cost import ...`.
-from hfrecipes import cost as _cost_module  # noqa: F401
-from hfrecipes import lifecycle as _lifecycle_module  # noqa: F401
 from hfrecipes.api import (
     StageResult,
     cost,

@@ -3,36 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from hfrecipes.runner import StageResult, parse_stage_args, run_stage
 
-class StageResult(NamedTuple):
-    output_dir: Path
-    record: dict[str, Any]
-
-
-def parse_stage_args(stage: str, recipe: str | Path | None, cli_args: list[str] | None = None, **overrides):
-    """(dataclass instances, resolved recipe) for `stage`, without running anything."""
-    from hfrecipes.recipe import parse
-    from hfrecipes.stages import get_stage
-
-    module = get_stage(stage)
-    return parse(module.DATACLASSES, recipe, cli_args=cli_args, overrides=overrides)
-
-
-def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None = None, **overrides) -> StageResult:
-    """Run one stage from a recipe (a path or a bundled name) with keyword overrides of any recipe key."""
-    from hfrecipes import hub, modeling
-    from hfrecipes.stages import get_stage
-
-    args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
-    modeling.check_device(resolved["values"])
-    push_to = hub.take_over_push(*args)
-    output_dir, rec = get_stage(stage).run(*args, recipe=resolved)
-    if push_to and all(getattr(a, "process_index", 0) == 0 for a in args):
-        hub.push(output_dir, **push_to)
-        rec = read_record(output_dir)
-    return StageResult(Path(output_dir), rec)
+__all__ = ["StageResult", "parse_stage_args", "run_stage"]  # re-exported: the runner is part of the API
 
 
 def pretrain(recipe: str | Path = "tiny/pretrain", **overrides) -> StageResult:
@@ -43,9 +18,9 @@ def pretrain(recipe: str | Path = "tiny/pretrain", **overrides) -> StageResult:
 def cost(params: float, tokens: float, device: str = "h100", **options) -> dict[str, Any]:
     """Plan a run before it happens: training FLOPs, device-hours, dollars, energy, CO2, serving cost, break-even.
 
-    Options are those of `hfrecipes.cost.plan` (num_devices, mfu, price_per_hour, daily_tokens, ...).
+    Options are those of `hfrecipes.costs.plan` (num_devices, mfu, price_per_hour, daily_tokens, ...).
     """
-    from hfrecipes.cost import plan
+    from hfrecipes.costs import plan
 
     return plan(params, tokens, device, **options)
 
@@ -94,7 +69,7 @@ def lifecycle(
 
     `overrides` maps a stage id, or `*` for every stage, to recipe keys: `{"*": {"max_steps": 5}}`.
     """
-    from hfrecipes.lifecycle import run
+    from hfrecipes.lifecycles.runner import run
 
     return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides)
 

@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the bundled recipes")
     check = sub.add_parser("check", help="parse recipes strictly without running them")
     check.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe names or paths")
-    check.add_argument("--stage", choices=list(STAGES), help="stage to check against (default: from the path)")
+    check.add_argument(
+        "--stage", choices=[*STAGES, "lifecycle"], help="stage to check against (default: from the path)"
+    )
     exp = sub.add_parser("export", help="merge adapters, write a folder vLLM serves as is, verify it")
     exp.add_argument("stage_dir", help="a stage folder (full weights or a LoRA adapter)")
     exp.add_argument("out_dir", help="the folder to write (refused if it holds files, unless --force)")
@@ -110,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(names: list[str], stage: str | None) -> None:
-    from hfrecipes.api import parse_stage_args
     from hfrecipes.recipe import recipes_root, resolve_recipe, stage_of_recipe
+    from hfrecipes.runner import parse_stage_args
 
     for name in names:
         path = resolve_recipe(name)
@@ -121,8 +123,8 @@ def _check(names: list[str], stage: str | None) -> None:
                 st = stage_of_recipe(path)
             except ValueError:
                 st = Path(path).stem.split("_")[0]
-        if st == "lifecycle":
-            from hfrecipes.lifecycle import load
+        if st == "lifecycle":  # its own keys, its references, and every stage recipe with its overrides
+            from hfrecipes.lifecycles.spec import load
 
             load(path)
         elif st not in STAGES:
@@ -174,7 +176,7 @@ def _launch(name: str, rest: list[str]) -> int:
 def _cost(args: argparse.Namespace) -> None:
     import json
 
-    from hfrecipes.cost import format_plan, plan
+    from hfrecipes.costs import format_plan, plan
 
     names = {"price": "price_per_hour", "power": "power_watts", "grid": "grid_gco2_per_kwh"}
     options = {
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "lifecycle":
             from hfrecipes.api import lifecycle
-            from hfrecipes.lifecycle import parse_sets
+            from hfrecipes.lifecycles.spec import parse_sets
 
             summary = lifecycle(args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set))
             print((Path(summary["run_dir"]) / "summary.md").read_text())
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(
                 f"'{args.command}' needs --config: a bundled recipe (see `hfrecipes recipes`) or a YAML path."
             )
-        from hfrecipes.api import run_stage
+        from hfrecipes.runner import run_stage
 
         result = run_stage(args.command, args.config, cli_args=rest)
         print(f"{args.command} finished: {result.output_dir}")

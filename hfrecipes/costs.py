@@ -83,13 +83,6 @@ def device_key(device: dict[str, Any] | str | None) -> str | None:
     return kind if kind in DEVICES else None
 
 
-def get_device(name: str) -> Device:
-    key = device_key(name)
-    if key is None:
-        raise UsageError(f"device '{name}' is not in the cost table; use one of {', '.join(DEVICES)}.")
-    return DEVICES[key]
-
-
 # ------------------------------------------------------------------------------------------------ formulas
 
 
@@ -333,7 +326,7 @@ def _num(x: float | None, digits: int = 3) -> str:
 
 
 def format_dollars(x: float | None) -> str:
-    if x is None:
+    if not isinstance(x, (int, float)):  # None, or a field the record does not hold (Jinja's Undefined)
         return "n/a"
     return f"${x:,.0f}" if abs(x) >= 1000 else f"${x:.3g}"
 

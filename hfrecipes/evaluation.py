@@ -30,8 +30,7 @@ def load_metric(name: str = "answer_accuracy"):
 
 def greedy_replies(model, tok, prompts: list, max_new_tokens: int, batch_size: int = 64) -> list[str]:
     """Greedy replies, chat template applied to conversational prompts."""
-    from hfrecipes.exporting import prompt_ids
-    from hfrecipes.inference import generate_ids
+    from hfrecipes.inference import generate_ids, prompt_ids
 
     ids = prompt_ids(tok, prompts)
     outs = generate_ids(model, tok, ids, max_new_tokens, batch_size=batch_size, desc="held-out evaluation")

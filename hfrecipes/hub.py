@@ -3,7 +3,7 @@
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 
 In a recipe, `push_to_hub: true` (with `hub_model_id` and `hub_private_repo`) pushes the stage folder once the
-stage has written its model, record and card. `api.run_stage` takes that switch away from the Trainer before the
+stage has written its model, record and card. `runner.run_stage` takes that switch away from the Trainer before the
 stage builds it (the Trainer would create the repo when it is built and push README files of its own), so no
 stage needs code for it. The token comes from `HF_TOKEN` or `hf auth login`, never from a recipe or a flag: a
 token there would be saved with the run. A re-push of an unchanged folder creates no commit (huggingface_hub

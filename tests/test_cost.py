@@ -11,7 +11,7 @@ import pytest
 
 import hfrecipes
 from hfrecipes import cli
-from hfrecipes.cost import device_key, measured_emissions, plan, stage_costs, training_flops
+from hfrecipes.costs import device_key, measured_emissions, plan, stage_costs, training_flops
 
 # Published training compute of well-known models whose figures are 6·N·D counts (attention left out).
 PUBLISHED = [
@@ -175,14 +175,18 @@ def test_codecarbon_measurement_is_used_when_installed(monkeypatch, tmp_path):
     assert co2.kg is None
 
 
-def test_api_function_survives_the_module_import():
-    import hfrecipes.cost  # noqa: F401  (the module of the same name)
-
-    assert callable(hfrecipes.cost) and hfrecipes.cost(1e9, 1e9)["training"]["flops"] == 6e18
-
-
 def test_serving_without_a_parameter_count_or_device_is_unknown_not_an_error():
-    from hfrecipes.cost import serving
+    from hfrecipes.costs import serving
 
     assert serving(0, "h100")["tokens_per_second"] is None
     assert serving(1e9, {"kind": "cuda", "name": "RTX 4090"})["dollars_per_million_tokens"] is None
+
+
+def test_the_cost_module_and_the_api_function_are_apart():
+    import types
+
+    import hfrecipes.costs as module
+
+    assert isinstance(module, types.ModuleType) and callable(module.plan)
+    assert callable(hfrecipes.cost) and not isinstance(hfrecipes.cost, types.ModuleType)
+    assert hfrecipes.cost(1e9, 1e9) == module.plan(1e9, 1e9) and module.plan(1e9, 1e9)["training"]["flops"] == 6e18

@@ -1,16 +1,24 @@
 """A shortened lifecycle end to end: every stage, control, export, inference and summary; a second invocation skips
-everything; a deleted record reruns that stage and those after it only; --force reruns a stage and its downstream."""
+everything; a deleted record reruns that stage and those after it only; --force reruns a stage and its downstream.
+The recipe is checked in full before anything runs, and the summary reads the records as the card does."""
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
+import shutil
+import types
 
 import pytest
 import yaml
 
 import hfrecipes
+from hfrecipes import card, cli
 from hfrecipes.errors import UsageError
-from hfrecipes.lifecycle import _clear, load
+from hfrecipes.lifecycles import summary as summaries
+from hfrecipes.lifecycles.runner import _clear
+from hfrecipes.lifecycles.spec import load
 
 FAST = {
     "*": {"logging_steps": 1, "save_strategy": "no"},
@@ -22,16 +30,22 @@ FAST = {
     "ppo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_mini_batches": 2, "heldout_max_prompts": 8},
     "sft_more": {},
 }
+STAGE_IDS = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """The tiny lifecycle with held-out evaluation and inference on 8 problems."""
+def spec():
+    """The tiny lifecycle with held-out evaluation and inference on 8 problems, as a mapping."""
     from hfrecipes.recipe import load_yaml, resolve_recipe
 
     spec = load_yaml(resolve_recipe("tiny/lifecycle"))
     spec["evaluation"]["samples"] = 8
     spec["inference"]["samples"] = 8
+    return spec
+
+
+@pytest.fixture(scope="module")
+def recipe(spec, tmp_path_factory):
     path = tmp_path_factory.mktemp("life") / "lifecycle.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -47,10 +61,16 @@ def _ids(summary):
     return {r["id"]: r["run_id"] for r in summary["stages"] + [summary["control"]]}
 
 
+def _table(md: str) -> dict[str, list[str]]:
+    """The summary table's cells by row label."""
+    rows = [line.strip("|").split(" | ") for line in md.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows}
+
+
 def test_first_run_makes_every_artifact(first):
     run_dir, summary = first
-    assert set(summary["ran_this_time"]) == {"pretrain", "sft", "reward", "ppo", "dpo", "grpo", "sft_more"}
-    for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "sft_more"):
+    assert set(summary["ran_this_time"]) == {*STAGE_IDS, "sft_more"}
+    for stage in (*STAGE_IDS, "sft_more"):
         assert json.loads((run_dir / stage / "record.json").read_text())["status"] == "complete"
     assert summary["export"]["from"] in ("ppo", "dpo", "grpo")
     ppo = json.loads((run_dir / "ppo" / "record.json").read_text())
@@ -62,12 +82,44 @@ def test_first_run_makes_every_artifact(first):
     assert (run_dir / "summary.png").stat().st_size > 1000
     rows = {r["id"]: r for r in summary["stages"]}
     assert rows["pretrain"]["heldout_accuracy"] is not None and rows["reward"]["heldout_accuracy"] is None
-    assert rows["reward"]["pair_accuracy"] is not None
+    # each stage's own held-out evaluation, from its record's metrics.heldout
+    assert rows["reward"]["heldout"]["metric"] == "pair_accuracy" and rows["reward"]["heldout"]["after"] is not None
+    assert rows["sft"]["heldout"]["metric"] == "eval_loss" and rows["sft"]["heldout"]["higher_is_better"] is False
+    assert rows["dpo"]["heldout"]["metric"] == "rewards/accuracies"
     # the parents chain through the run folder
     sft = json.loads((run_dir / "sft" / "record.json").read_text())
     assert sft["parent"]["run_id"] == rows["pretrain"]["run_id"]
-    # the control ran for the number of SFT steps that fits GRPO's wall time
-    assert summary["control"]["matches"] == "grpo" and summary["control"]["steps"] >= 1
+    # the control ran for the number of SFT steps that fits GRPO's wall time at SFT's time per step
+    control = summary["control"]
+    assert control["matches"] == "grpo" and control["parent"] == "sft" and control["steps"] >= 1
+    assert control["steps"] == control["planned_steps"]
+    assert control["planned_steps"] == max(1, round(rows["grpo"]["wall_seconds"] / control["parent_seconds_per_step"]))
+
+
+def test_summary_formats_numbers_as_the_card(first):
+    run_dir, summary = first
+    table = _table((run_dir / "summary.md").read_text())
+    fmt = card.FORMATS
+    for stage in STAGE_IDS:
+        rec = json.loads((run_dir / stage / "record.json").read_text())
+        card_row = card.lineage_rows(rec)[0][-1]  # the card's own row for this stage
+        steps, wall, tokens, flops, dollars, accuracy, own = table[stage]
+        assert (steps, wall, tokens, flops, dollars) == (
+            card_row["steps"],
+            card_row["wall"],
+            card_row["tokens"],
+            card_row["flops"],
+            card_row["dollars"],
+        ), stage
+        heldout = rec["metrics"].get("heldout")  # absent where a stage records none
+        if heldout is not None:
+            assert own.startswith(heldout["metric"]) and fmt["num"](heldout["after"]) in own, (stage, own)
+            if heldout["before"] is not None:
+                assert f"{fmt['num'](heldout['before'])} -> {fmt['num'](heldout['after'])}" in own
+    rows = {r["id"]: r for r in summary["stages"]}
+    assert table["sft"][5] == summaries.pct(rows["sft"]["heldout_accuracy"])
+    total = table["**total (the stages, without the control)**"]
+    assert total[1] == f"**{fmt['duration'](sum(r['wall_seconds'] for r in rows.values()))}**"
 
 
 def test_second_invocation_skips_everything(first, recipe):
@@ -91,6 +143,163 @@ def test_force_reruns_stage_and_downstream(first, recipe):
     run_dir, _ = first
     out = hfrecipes.lifecycle(recipe, run_dir=run_dir, overrides=FAST, force=["grpo"])
     assert out["ran_this_time"] == ["grpo", "sft_more"]  # the control matches grpo's time
+
+
+def test_control_of_another_stage_runs_and_is_summarised_with_it(first, spec, tmp_path):
+    """A GRPO control (more GRPO from the GRPO stage, matching DPO's wall time), in a copy of the finished run:
+    only the control trains, and the summary speaks of GRPO and of its parent's accuracy."""
+    run_dir, _ = first
+    copied = tmp_path / "tiny"
+    shutil.copytree(run_dir, copied)
+    spec = copy.deepcopy(spec)
+    spec["control"] = {
+        "id": "grpo_more",
+        "stage": "grpo",
+        "recipe": "tiny/grpo",
+        "parent": "grpo",
+        "match_wall_time_of": "dpo",
+    }
+    path = tmp_path / "lifecycle.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    fast = {**FAST, "grpo_more": {k: v for k, v in FAST["grpo"].items() if k != "max_steps"}}
+    fast.pop("sft_more")
+    out = hfrecipes.lifecycle(path, run_dir=copied, overrides=fast)
+    assert out["ran_this_time"] == ["grpo_more"]
+    rec = json.loads((copied / "grpo_more" / "record.json").read_text())
+    assert (
+        rec["stage"] == "grpo"
+        and rec["parent"]["run_id"] == json.loads((copied / "grpo" / "record.json").read_text())["run_id"]
+    )
+    rows = {r["id"]: r for r in out["stages"]}
+    control = out["control"]
+    assert control["stage"] == "grpo" and control["parent"] == "grpo" and control["matches"] == "dpo"
+    md = (copied / "summary.md").read_text()
+    paragraph = " ".join(md[md.index("## Honest control") :].split("\n\n")[1].split())
+    assert "the grpo recipe `tiny/grpo`" in paragraph and "SFT" not in paragraph and "sft" not in paragraph
+    assert f"`grpo`, where the control started, had {summaries.pct(rows['grpo']['heldout_accuracy'])}" in paragraph
+    assert f"against {summaries.pct(rows['dpo']['heldout_accuracy'])} for `dpo`" in paragraph
+
+
+def _synthetic_summary(stage: str, matched: str, accuracies: dict[str, float]) -> dict:
+    """A summary with the control on `stage` (from the stage of that name), as `summaries.build` returns it."""
+    rows = [
+        {"id": s, "stage": s, "run_id": s, "steps": 10, "wall_seconds": 60.0, "tokens": 1e5, "flops": 1e12,
+         "dollars": 0.002, "heldout_accuracy": accuracies[s], "heldout": None}
+        for s in ("sft", "dpo", "grpo")
+    ]  # fmt: skip
+    control = {
+        **rows[0],
+        "id": f"{stage}_more",
+        "stage": stage,
+        "run_id": "c",
+        "heldout_accuracy": accuracies["control"],
+        "parent": stage,
+        "recipe": f"tiny/{stage}",
+        "matches": matched,
+        "planned_steps": 10,
+        "parent_seconds_per_step": 6.0,
+    }
+    return {
+        "name": "t",
+        "recipe": "t.yaml",
+        "run_dir": "runs/t",
+        "metric": "answer_accuracy",
+        "stages": rows,
+        "control": control,
+        "export": None,
+        "inference": None,
+        "ran_this_time": [],
+        "wall_seconds_this_time": 1.0,
+        "total": {"steps": 30, "wall_seconds": 180.0, "tokens": 3e5, "flops": 3e12, "dollars": 0.006},
+    }
+
+
+@pytest.mark.parametrize(
+    "stage, matched, control_acc, verdict",
+    [
+        ("dpo", "grpo", 0.9, "More dpo from `dpo` did better than `grpo`"),
+        ("dpo", "grpo", 0.6, "`grpo` did better than more dpo from `dpo`"),
+        ("grpo", "dpo", 0.9, "More grpo from `grpo` did better than `dpo`"),
+        ("grpo", "dpo", 0.3, "`dpo` did better than more grpo from `grpo`"),
+    ],
+)
+def test_control_paragraph_names_its_own_stage_and_parent(stage, matched, control_acc, verdict):
+    accuracies = {"sft": 0.25, "dpo": 0.5, "grpo": 0.75, "control": control_acc}
+    md = summaries.render(_synthetic_summary(stage, matched, accuracies))
+    paragraph = " ".join(md[md.index("## Honest control") :].split("\n\n")[1].split())
+    assert "SFT" not in paragraph and "`sft`" not in paragraph and "25.0%" not in paragraph, paragraph
+    assert f"the {stage} recipe `tiny/{stage}`" in paragraph
+    assert f"`{stage}`, where the control started, had {summaries.pct(accuracies[stage])}" in paragraph
+    assert f"against {summaries.pct(accuracies[matched])} for `{matched}`" in paragraph
+    assert verdict in paragraph
+    assert f"| {stage}_more ({stage}) | 10 | 60.0 s |" in md
+
+
+def test_lifecycle_package_is_a_module_and_the_api_a_function():
+    import hfrecipes.lifecycles.runner as m
+
+    assert isinstance(m, types.ModuleType) and m.__name__ == "hfrecipes.lifecycles.runner"
+    importlib.import_module("hfrecipes.lifecycles.spec")
+    importlib.import_module("hfrecipes.lifecycles.summary")
+    assert isinstance(hfrecipes.lifecycle, types.FunctionType) and hfrecipes.lifecycle is hfrecipes.api.lifecycle
+    assert isinstance(hfrecipes.lifecycles, types.ModuleType)
+    with pytest.raises(ModuleNotFoundError):  # no module shadows the API function any more
+        importlib.import_module("hfrecipes.lifecycle")
+
+
+DELETE = object()
+BAD_LIFECYCLES = [
+    # (block, key, value, words the message must contain)
+    ("export", "candidates", DELETE, ["export", "'candidates' is missing"]),
+    ("export", "candidates", [], ["export", "'candidates' is empty"]),
+    ("export", "candidates", ["grpo", "nope"], ["export", "['nope']"]),
+    ("export", "candidates", ["reward"], ["export", "['reward']", "causal-LM"]),
+    ("export", "candidate", ["grpo"], ["export", "'candidate'", "Did you mean 'candidates'"]),
+    ("export", "dtype", "fp8", ["export", "dtype", "'fp8'"]),
+    ("control", "parent", "sfx", ["control", "parent 'sfx'"]),
+    ("control", "match_wall_time_of", "grpx", ["control", "match_wall_time_of 'grpx'"]),
+    ("control", "stage", "sfft", ["control", "'stage'", "'sfft'"]),
+    ("control", "overrides", {"learning_rat": 1.0}, ["control", "learning_rat", "learning_rate"]),
+    ("evaluation", "max_new_tokens", "ten", ["evaluation", "max_new_tokens", "int"]),
+    ("inference", "engine", "tgi", ["inference", "engine", "'tgi'"]),
+    ("stages", 1, {"stage": "sft", "parent": "pretrain"}, ["stages[1]", "'recipe' is missing"]),
+]
+
+
+@pytest.mark.parametrize("block, key, value, words", BAD_LIFECYCLES, ids=lambda x: str(x)[:30])
+def test_check_refuses_a_bad_lifecycle_before_anything_runs(spec, tmp_path, capsys, block, key, value, words):
+    spec = copy.deepcopy(spec)
+    if value is DELETE:
+        del spec[block][key]
+    else:
+        spec[block][key] = value
+    path = tmp_path / "lifecycle.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("hfrecipes: error:") == 1 and "Traceback" not in err, err
+    for word in [str(path), *words]:
+        assert word in err, f"{word!r} not in: {err}"
+    with pytest.raises(UsageError):
+        hfrecipes.lifecycle(path, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "a refused lifecycle wrote its run folder"
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--force", "nope"], ["--force", "nope"]),
+        (["--set", "nope.max_steps=1"], ["nope", "--set"]),
+        (["--set", "sft.learning_rat=1"], ["stages[1]", "learning_rat", "learning_rate"]),
+        (["--set", "sft.reward_model_path={grpo}"], ["stages[1]", "'grpo'", "no earlier stage"]),
+    ],
+)
+def test_lifecycle_flags_are_checked_before_anything_runs(recipe, tmp_path, capsys, flags, words):
+    assert cli.main(["lifecycle", str(recipe), "--run_dir", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, f"{word!r} not in: {err}"
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_lifecycle_input(tmp_path, recipe):

@@ -27,7 +27,7 @@ def test_every_recipe_parses(path: Path):
         assert "distributed_type" in load_yaml(path)
         return
     if stage == "lifecycle":  # the lifecycle and every stage recipe it names, with its overrides
-        from hfrecipes.lifecycle import load
+        from hfrecipes.lifecycles.spec import load
 
         assert load(path).stages
         return

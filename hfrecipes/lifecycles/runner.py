@@ -1,0 +1,221 @@
+"""Run or resume a lifecycle: the stages in order, each from its parent's folder, skipping what is complete and
+resuming what was cut off; held-out evaluation after every causal-LM stage; the honest control; export of the best
+candidate; batched inference on the held-out prompts; the summary (`summary.md`, `.json`, `.png`) in the run folder.
+
+    hfrecipes lifecycle                       # recipes/tiny/lifecycle.yaml -> runs/tiny/
+    hfrecipes lifecycle tiny/lifecycle --force grpo --set grpo.max_steps=100
+
+A stage reruns when it is forced, when a stage it reads (its parent, a `{id}` placeholder, for the control also the
+stage whose wall time it matches) ran in this invocation, or when its folder has no complete record. Evaluations,
+the export and inference are cached in the run folder against the run id of the stage they were made from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from hfrecipes import record as records
+from hfrecipes.errors import UsageError
+from hfrecipes.lifecycles import summary as summaries
+from hfrecipes.lifecycles.spec import EXPORT, SCORED_STAGES, Lifecycle, StageSpec, load
+
+logger = logging.getLogger(__name__)
+
+STATE = "lifecycle.json"  # cached held-out evaluations, by stage id and run id
+
+
+def _clear(folder: Path, run_dir: Path) -> None:
+    """Remove a stage folder of this run (never anything outside the run folder)."""
+    folder, run_dir = folder.resolve(), run_dir.resolve()
+    if run_dir not in folder.parents:
+        raise UsageError(f"refusing to delete '{folder}': it is outside the run folder '{run_dir}'.")
+    shutil.rmtree(folder)
+
+
+def _eval_rows(life: Lifecycle, samples: int | None):
+    from hfrecipes.data import ScriptArguments, load_split
+
+    ev = life.evaluation
+    args = ScriptArguments(dataset_name=ev.dataset_name, dataset_config=ev.dataset_config, dataset_test_split=None)
+    rows = load_split(args, ev.split)
+    if rows is None:
+        raise UsageError(f"{life.source}: evaluation: '{ev.dataset_name}' has no '{ev.split}' split.")
+    return rows.select(range(min(samples, len(rows)))) if samples else rows
+
+
+class LifecycleRun:
+    """One invocation: which stages ran this time, and the cached evaluations (`lifecycle.json`)."""
+
+    def __init__(self, life: Lifecycle, force: tuple[str, ...]):
+        self.life = life
+        self.force = set(force)
+        self.rerun: set[str] = set()
+        self.state_path = life.root / STATE
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"evaluations": {}}
+
+    # ----------------------------------------------------------------------------------------------- stages
+
+    def stage(self, spec: StageSpec, also_after: set[str] = frozenset()) -> dict[str, Any]:
+        """The stage's record: read when its folder is complete and nothing upstream ran again, else trained."""
+        from hfrecipes.runner import run_stage
+
+        life, folder = self.life, self.life.root / spec.id
+        if spec.id in self.force or (spec.refs() | set(also_after)) & self.rerun:
+            if folder.exists():
+                _clear(folder, life.root)
+        elif records.is_complete(folder):
+            logger.info("[%s] %s: complete, skipped", life.name, spec.id)
+            return records.read_record(folder)
+        elif folder.exists() and not (folder / records.MARKER).is_file():
+            _clear(folder, life.root)  # a stage folder of this run without a record: its output is stale
+        resumed = (folder / records.MARKER).is_file()
+        how = "resuming" if resumed else "starting"
+        logger.info("[%s] %s: %s (%s from %s)", life.name, spec.id, how, spec.stage, spec.parent or "scratch")
+        t = time.perf_counter()
+        result = run_stage(spec.stage, spec.recipe, **life.stage_kwargs(spec))
+        self.rerun.add(spec.id)
+        logger.info("[%s] %s: done in %.1f min", life.name, spec.id, (time.perf_counter() - t) / 60)
+        return result.record
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, spec: StageSpec, rec: dict[str, Any]) -> dict[str, Any]:
+        """Held-out task accuracy of a causal-LM stage's folder (adapters merged in memory), cached by run id."""
+        if spec.stage not in SCORED_STAGES or not self.life.evaluation.dataset_name:
+            return {}
+        cached = self.state["evaluations"].get(spec.id)
+        if cached and cached.get("run_id") == rec["run_id"]:
+            return cached
+        from hfrecipes.evaluation import heldout_accuracy
+        from hfrecipes.modeling import load_merged
+
+        ev = self.life.evaluation
+        rows = _eval_rows(self.life, ev.samples)
+        model, tok = load_merged(self.life.root / spec.id)
+        tok.padding_side = "left"
+        scored = heldout_accuracy(
+            model, tok, rows[ev.prompt_column], rows[ev.answer_column], ev.metric, ev.max_new_tokens
+        )
+        result = {**{k: scored[k] for k in ("accuracy", "correct", "total", "metric")}, "run_id": rec["run_id"]}
+        self.state["evaluations"][spec.id] = result
+        records.atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
+        logger.info("[%s] %s: held-out accuracy %.1f%%", self.life.name, spec.id, 100 * result["accuracy"])
+        return result
+
+    # ---------------------------------------------------------------------------------------------- control
+
+    def control(self, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Train the control's parent further for as many steps as fill the matched stage's wall time, at the
+        parent's measured time per step (the parent's stage may step faster or slower than the control's: the
+        summary shows the wall time the control actually took beside the one it matched)."""
+        c = self.life.control
+        parent = records.load_record(self.life.root / c.parent)
+        per_step = (parent.compute.wall_seconds or 0.0) / max(parent.metrics.steps or 0, 1)
+        target = rows[c.match_wall_time_of]["wall_seconds"] or 0.0
+        steps = max(1, round(target / per_step)) if per_step > 0 else 1
+        spec = c.as_stage(steps)
+        rec = self.stage(spec, also_after={c.match_wall_time_of})
+        row = summaries.row(spec.id, spec.stage, rec, self.evaluate(spec, rec))
+        row.update(
+            parent=c.parent,
+            recipe=c.recipe,
+            matches=c.match_wall_time_of,
+            planned_steps=steps,
+            parent_seconds_per_step=per_step,
+        )
+        return row
+
+    # ----------------------------------------------------------------------------------------------- export
+
+    def export(self, rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """Export the candidate with the best held-out accuracy (the first listed on a tie); (row, whether new)."""
+        life = self.life
+        candidates = [rows[c] for c in dict.fromkeys(life.export.candidates)]
+        best = max(candidates, key=lambda r: r["heldout_accuracy"] if r["heldout_accuracy"] is not None else -1.0)
+        export_dir = life.root / EXPORT
+        prev = records.load_record(export_dir) if export_dir.is_dir() else None
+        stale = (
+            EXPORT in self.force
+            or prev is None
+            or best["id"] in self.rerun
+            or prev.parent is None
+            or prev.parent.run_id != best["run_id"]
+        )
+        if stale:
+            from hfrecipes.exporting import export
+
+            among = ", ".join(r["id"] for r in candidates)
+            logger.info("[%s] export: %s (best held-out accuracy among %s)", life.name, best["id"], among)
+            export(life.root / best["id"], export_dir, dtype=life.export.dtype, force=True)
+        else:
+            logger.info("[%s] export: complete, skipped", life.name)
+        return {"id": EXPORT, "from": best["id"], "candidates": [r["id"] for r in candidates]}, stale
+
+    # -------------------------------------------------------------------------------------------- inference
+
+    def inference(self, stale: bool) -> dict[str, Any]:
+        """Batched generation by the export on the evaluation split's prompts; throughput, cost, answers matched."""
+        from hfrecipes.inference import generate
+        from hfrecipes.rewards import answers_match
+
+        life, inf, ev = self.life, self.life.inference, self.life.evaluation
+        out, cached = life.root / "generations.jsonl", life.root / "inference.json"
+        if cached.is_file() and out.is_file() and not stale:
+            return json.loads(cached.read_text())
+        rows = _eval_rows(life, inf.samples)
+        prompts, answers = rows[ev.prompt_column], rows[ev.answer_column]
+        logger.info("[%s] inference: %d held-out prompts on %s", life.name, len(prompts), life.root / EXPORT)
+        gen_rows, stats = generate(
+            life.root / EXPORT, prompts, out, engine=inf.engine, max_new_tokens=inf.max_new_tokens
+        )
+        hits = sum(answers_match(r["completions"][0], a) for r, a in zip(gen_rows, answers, strict=True))
+        keys = (
+            "engine",
+            "prompts",
+            "generated_tokens",
+            "wall_seconds",
+            "tokens_per_second",
+            "flops_per_token",
+            "dollars_per_million_tokens",
+        )
+        result = {**{k: stats[k] for k in keys}, "accuracy": hits / len(gen_rows)}
+        records.atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
+        return result
+
+
+def run(
+    recipe: str | Path = "tiny/lifecycle",
+    run_dir: str | Path | None = None,
+    force: tuple[str, ...] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a lifecycle; returns the summary (also written as summary.json/.md/.png in the run folder)."""
+    life = load(recipe, run_dir, overrides, force)
+    started = time.perf_counter()
+    life.root.mkdir(parents=True, exist_ok=True)
+    this = LifecycleRun(life, tuple(force))
+
+    rows: dict[str, dict[str, Any]] = {}
+    for spec in life.stages:
+        rec = this.stage(spec)
+        rows[spec.id] = summaries.row(spec.id, spec.stage, rec, this.evaluate(spec, rec))
+
+    control = this.control(rows) if life.control else None
+
+    exported, inference = None, None
+    if life.export:
+        exported, stale = this.export(rows)
+        if life.inference:
+            inference = this.inference(stale)
+
+    summary = summaries.build(
+        life, list(rows.values()), control, exported, inference, sorted(this.rerun), time.perf_counter() - started
+    )
+    summaries.write(life.root, summary)
+    logger.info("[%s] summary: %s", life.name, life.root / "summary.md")
+    return summary
