@@ -1,6 +1,6 @@
 """The embedded tiny task: two-digit addition asked in words, split once and for all by a seed.
 
-Every later stage draws its data from here (`hfrecipes.data.load_tiny`), so the splits are disjoint by
+Every later stage draws its data from here (`hfrecipes.data.tiny_rows`), so the splits are disjoint by
 construction: the held-out problems never appear in the pretraining corpus, the SFT data, the preference pairs
 or the RL prompts. `python -m hfrecipes.tiny.task` prints a sample of each split.
 """
@@ -115,11 +115,6 @@ def prompt_rows(pairs: list[tuple[int, int]]) -> list[dict]:
         {"prompt": [{"role": "user", "content": question(a, b)}], "answer": str(a + b), "solution": answer(a, b)}
         for a, b in pairs
     ]
-
-
-def is_correct(completion: str, a: int, b: int) -> bool:
-    """Strict exact match: the whole reply is the expected sentence (operands copied, sum right)."""
-    return completion.strip() == answer(a, b)
 
 
 ANSWER_RE = re.compile(r"^\s*(\d+) plus (\d+) is (\d+)\.\s*$")
