@@ -6,6 +6,7 @@ Safe by default: `trust_remote_code` only when the recipe sets it, and weights f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,11 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, revision=revision, **extra
         )
-    except (OSError, ValueError) as e:
-        raise UsageError(f"tokenizer '{name_or_path}' could not be loaded: {e}") from None
+    except Exception as e:  # tokenizers raises a bare Exception on a tokenizer.json it cannot read
+        raise UsageError(
+            f"tokenizer '{name_or_path}' could not be loaded ({type(e).__name__}: {' '.join(str(e).split())}): its "
+            "files are damaged, or were written by another version of the library. Save or download it again."
+        ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -150,11 +154,194 @@ def init_model(config, seed: int):
 
 
 def check_model_path(name_or_path: str, field: str = "model_name_or_path") -> None:
-    """A local path that is not there fails here, before anything loads (Hub ids pass through)."""
+    """A local path that is not there, or whose files are damaged, fails here, before anything loads (Hub ids pass
+    through)."""
     p = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith((".", "/", "~")) or p.suffix in (".gguf", ".safetensors")
     if looks_local and not p.exists():
         raise UsageError(f"{field} '{name_or_path}' does not exist. Check the path.")
+    if p.exists():
+        check_model_files(p, field)
+
+
+# The JSON files of a checkpoint folder that transformers, tokenizers and PEFT read; each holds one JSON object.
+MODEL_JSON_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "chat_template.json",
+    "adapter_config.json",
+    "model.safetensors.index.json",
+    "adapter_model.safetensors.index.json",
+)
+DAMAGED = "the checkpoint is damaged or was cut short while being written or downloaded; save or download it again"
+
+
+def check_model_files(path: str | Path, field: str = "model_name_or_path") -> None:
+    """A local checkpoint whose files a load would fail on, found from what is cheap to read: every JSON file parses
+    to an object; every safetensors header parses and its tensors fit in the file (a file cut short does not); the
+    shards an index names are there; a GGUF's header and tensor table fit in the file. No weights are read. An
+    adapter's local base model is checked the same way. A folder or file that is not there is left to the caller."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            check_gguf(path, field)
+        elif path.suffix == ".safetensors":
+            _check_safetensors(path, field)
+        return
+    if not path.is_dir():
+        return
+    loaded = {}
+    for name in MODEL_JSON_FILES:
+        if (path / name).is_file():
+            loaded[name] = _json_object(path / name, field)
+    for index_name in ("model.safetensors.index.json", "adapter_model.safetensors.index.json"):
+        weight_map = loaded.get(index_name, {}).get("weight_map")
+        missing = sorted({s for s in (weight_map or {}).values() if not (path / s).is_file()})
+        if missing:
+            raise UsageError(
+                f"{field}: {path / index_name} names shard(s) {', '.join(missing[:3])} that the folder does not "
+                f"hold; {DAMAGED}."
+            )
+    for weights in sorted(path.glob("*.safetensors")):
+        _check_safetensors(weights, field)
+    base = loaded.get("adapter_config.json", {}).get("base_model_name_or_path")
+    if isinstance(base, str) and Path(base).expanduser().is_dir() and Path(base).expanduser() != path:
+        check_model_files(base, f"{field}'s base model (adapter_config.json base_model_name_or_path)")
+
+
+def _json_object(file: Path, field: str) -> dict:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{field}: {file} is not UTF-8 text, so not JSON; {DAMAGED}.") from None
+    if not text.strip():
+        raise UsageError(f"{field}: {file} is empty; {DAMAGED}.")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{field}: {file} is not valid JSON ({e}); {DAMAGED}.") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{field}: {file} holds a JSON {type(value).__name__}, expected an object; {DAMAGED}.")
+    return value
+
+
+def _check_safetensors(file: Path, field: str) -> None:
+    """safetensors checks its header against the file's length when it opens one: a file cut short, or with
+    garbage where the header should be, fails here without a tensor being read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{field}: {file} is not a readable safetensors file ({e}); {DAMAGED}.") from None
+
+
+def check_gguf(file: Path, field: str = "model_name_or_path") -> None:
+    """A GGUF file whose header, metadata or tensor table is broken, or whose tensors end past the end of the file
+    (a download cut short), fails here. The tables are walked without decoding them (gguf's own reader turns every
+    vocabulary string into an object, seconds for a large vocabulary), and no tensor data is read."""
+    import mmap
+    import struct
+
+    try:
+        from gguf import GGML_QUANT_SIZES
+    except ImportError:
+        raise UsageError(
+            f"{field}: '{file}' is a GGUF file, and reading one needs the gguf package: pip install gguf."
+        ) from None
+
+    def damaged(why: str) -> UsageError:
+        return UsageError(
+            f"{field}: {file} is not a readable GGUF file ({why}); it is damaged or was cut short. Download it again."
+        )
+
+    size = file.stat().st_size
+    if size < 24:
+        raise damaged(f"{size} bytes, shorter than a GGUF header")
+    with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF":
+            raise damaged("it does not start with the GGUF magic bytes")
+        if struct.unpack_from(">I", m, 4)[0] in (2, 3):  # a big-endian GGUF: left to the gguf package to read
+            return
+        try:
+            data_start, tensors = _gguf_tables(m)
+        except (struct.error, ValueError) as e:
+            raise damaged(f"its header is cut short or garbled: {e}") from None
+    for name, shape, kind, offset in tensors:
+        if kind not in GGML_QUANT_SIZES:
+            raise damaged(f"tensor '{name}' has unknown type {kind}")
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        count = 1
+        for d in shape:
+            count *= d
+        end = data_start + offset + count // block * block_bytes
+        if end > size:
+            raise damaged(f"tensor '{name}' ends at byte {end}, past the end of the file at {size}")
+
+
+# Byte sizes of GGUF's fixed-size metadata value types (gguf.GGUFValueType); 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_tables(m) -> tuple[int, list[tuple[str, list[int], int, int]]]:
+    """(byte where tensor data starts, [(name, shape, ggml type, offset)]) of a little-endian GGUF v2/v3 file."""
+    import struct
+
+    size = len(m)
+
+    def at(fmt: str, pos: int):
+        values = struct.unpack_from("<" + fmt, m, pos)
+        return values, pos + struct.calcsize("<" + fmt)
+
+    def skip(kind: int, pos: int) -> int:
+        if kind in _GGUF_SCALARS:
+            pos += _GGUF_SCALARS[kind]
+        elif kind == 8:
+            (n,), pos = at("Q", pos)
+            pos += n
+        elif kind == 9:
+            (item, count), pos = at("IQ", pos)
+            if item in _GGUF_SCALARS:
+                pos += count * _GGUF_SCALARS[item]
+            else:
+                for _ in range(count):
+                    pos = skip(item, pos)
+                    if pos > size:
+                        break
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+        if pos > size:
+            raise ValueError("the metadata runs past the end of the file")
+        return pos
+
+    (version, n_tensors, n_kv), pos = at("IQQ", 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}, expected 2 or 3")
+    alignment = 32
+    for _ in range(n_kv):
+        (n,), pos = at("Q", pos)
+        key = bytes(m[pos : pos + n])
+        (kind,), pos = at("I", pos + n)
+        if key == b"general.alignment" and kind == 4:
+            (alignment,), _ = at("I", pos)
+        pos = skip(kind, pos)
+    tensors = []
+    for _ in range(n_tensors):
+        (n,), pos = at("Q", pos)
+        name = bytes(m[pos : pos + n]).decode("utf-8", "replace")
+        (dims,), pos = at("I", pos + n)
+        shape, pos = at(f"{dims}Q", pos)
+        (kind, offset), pos = at("IQ", pos)
+        tensors.append((name, list(shape), kind, offset))
+    if not alignment:
+        raise ValueError("general.alignment is 0")
+    return -(-pos // alignment) * alignment, tensors
 
 
 def load_causal_lm(model_args, torch_dtype: str | None = None):
@@ -196,6 +383,8 @@ def check_model_args(model_args, parent_stage: str | None = None, lm_head_adapte
         )
     if gguf and Path(source).expanduser().is_dir() and not Path(gguf).expanduser().is_file():
         raise UsageError(f"gguf_file '{gguf}' does not exist. Check the path, or leave gguf_file unset.")
+    if gguf and model_args.gguf_file and Path(gguf).expanduser().is_file():  # a .gguf model path was checked above
+        check_gguf(Path(gguf).expanduser(), "gguf_file")
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
         raise UsageError(
             "load_in_4bit/load_in_8bit quantize the frozen base model, so only adapters can train: set use_peft: true "
@@ -275,7 +464,6 @@ def _load_adapter_parent(model_args, source: str, head: str, dtype: str | None, 
 
     from accelerate import PartialState
 
-    from hfrecipes.exporting import check_stage_dir, load_merged
     from hfrecipes.record import RECORD
 
     parent = Path(source).expanduser()
@@ -325,8 +513,6 @@ def load_stage_tokenizer(model_args):
     tok = load_tokenizer(source, model_args.trust_remote_code, model_args.model_revision, gguf_file=gguf)
     config = Path(source).expanduser() / "config.json"
     if not gguf and config.is_file():
-        import json
-
         text = json.loads(config.read_text())
         check_vocab(tok, text.get("vocab_size", text.get("text_config", {}).get("vocab_size")), source)
     return tok
@@ -354,3 +540,69 @@ def default_bf16() -> bool:
     import torch
 
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+# ------------------------------------------------------------------------------------- stage folders as models
+
+
+def is_adapter(folder: Path) -> bool:
+    """A stage folder that holds a LoRA adapter (and names its base) rather than full weights."""
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def check_stage_dir(stage_dir: Path) -> None:
+    """Everything export needs is there: weights (or an adapter and its base), a tokenizer."""
+    if not stage_dir.is_dir():
+        raise UsageError(f"stage folder '{stage_dir}' does not exist.")
+    if not (stage_dir / "tokenizer_config.json").is_file():
+        raise UsageError(
+            f"stage folder '{stage_dir}' has no tokenizer (tokenizer_config.json); save the tokenizer "
+            "with the model, or copy it from the base model."
+        )
+    if is_adapter(stage_dir):
+        try:
+            cfg = json.loads((stage_dir / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"{stage_dir}/adapter_config.json is not valid JSON ({e}); the adapter is broken."
+            ) from None
+        if not list(stage_dir.glob("adapter_model.safetensors")):
+            raise UsageError(f"stage folder '{stage_dir}' has adapter_config.json but no adapter_model.safetensors.")
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise UsageError(f"{stage_dir}/adapter_config.json names no base_model_name_or_path; set it to the base.")
+        if base.startswith((".", "/", "~")) and not Path(base).expanduser().exists():
+            raise UsageError(
+                f"the adapter's base model '{base}' (adapter_config.json base_model_name_or_path) does "
+                "not exist. Point it at the base model folder."
+            )
+    elif not (stage_dir / "config.json").is_file() or not list(stage_dir.glob("*.safetensors")):
+        raise UsageError(f"stage folder '{stage_dir}' holds no model (config.json and *.safetensors).")
+    check_model_files(stage_dir, "stage folder")
+
+
+def load_merged(stage_dir: Path, dtype: str = "auto", trust_remote_code: bool = False):
+    """The model of a stage folder with any LoRA adapter merged into its base, and the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(stage_dir, trust_remote_code=trust_remote_code)
+    if is_adapter(stage_dir):
+        from peft import PeftConfig, PeftModel
+
+        try:
+            base_name = PeftConfig.from_pretrained(stage_dir).base_model_name_or_path
+            base = AutoModelForCausalLM.from_pretrained(
+                base_name, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+            model = PeftModel.from_pretrained(base, stage_dir).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            raise UsageError(f"the adapter in '{stage_dir}' does not fit its base model: {e}") from None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            stage_dir, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
+    return model.eval(), tok

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,7 +70,10 @@ def load_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UsageError(f"{path}: line {line} is not UTF-8 text. Save the recipe as UTF-8.") from None
     except yaml.YAMLError as e:
         error = " ".join(str(e).split())  # one line: YAML errors span several
         raise UsageError(f"{path}: not valid YAML ({error}). Fix the syntax at the line named.") from None
@@ -184,7 +188,44 @@ def check_values(values: dict[str, Any], dataclass_types, source: str) -> dict[s
             expected = f"one of {list(choices)}" if choices else _type_name(tp)
             raise UsageError(f"{source}: key '{key}' has value {value!r}, expected {expected}.")
         checked[key] = converted
+    check_finite(checked, source)
     return checked
+
+
+# What to write instead of a non-finite value, where the library has a number that means "off".
+FINITE_HINTS = {
+    "max_grad_norm": " (0 turns gradient clipping off)",
+    "num_train_epochs": " (set max_steps to stop on a step count)",
+}
+
+
+def _non_finite(value: Any, path: str) -> tuple[str, float] | None:
+    """The first nan or inf in a value (a number, or one inside a list or mapping), and where it sits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, value
+    if isinstance(value, dict):
+        items = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, v in items:
+        found = _non_finite(v, where)
+        if found:
+            return found
+    return None
+
+
+def check_finite(values: dict[str, Any], source: str) -> None:
+    """Refuse nan and inf (YAML's `.nan`/`.inf`, the strings "nan"/"inf" a float field converts, `float("nan")` in
+    Python): every comparison with nan is false, so range checks pass it and the run fails, or trains on garbage,
+    only once the number reaches an optimizer, a scheduler or a sampler."""
+    for key, value in values.items():
+        found = _non_finite(value, key)
+        if found:
+            where, bad = found
+            hint = FINITE_HINTS.get(key, "")
+            raise UsageError(f"{source}: key '{where}' has value {bad!r}, expected a finite number{hint}.")
 
 
 # Hyperparameters out of range, as (lowest, highest, lowest allowed, highest allowed): the libraries accept many
@@ -279,6 +320,7 @@ def parse(
             name = name[3:]
         if arg.startswith("--") and name in known:
             cli_set[name] = getattr(namespace, name)
+    check_finite(cli_set, "command line")
     values.update(cli_set)
     check_ranges(values, source)
     if values.get("hub_token"):
@@ -296,6 +338,10 @@ def parse(
             outputs.append(cls(**kwargs))
         except (ValueError, TypeError) as e:
             raise UsageError(f"{source}: {cls.__name__}: {e}") from None
+        # a JSON string (model_init_overrides, generation_kwargs) is parsed by the dataclass, so check what it made
+        for k in names & values.keys():
+            where = "command line" if k in cli_set else "overrides" if k in (overrides or {}) else source
+            check_finite({k: getattr(outputs[-1], k)}, where)
     resolved = {"path": str(path) if path else None, "values": _jsonable(values)}
     return tuple(outputs), resolved
 

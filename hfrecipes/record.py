@@ -277,7 +277,15 @@ def check_output_dir(output_dir: str | Path, stage: str) -> str | None:
             f"output_dir '{out}' exists and holds other files. Set output_dir to a new or empty folder; "
             "nothing in it was changed."
         )
-    info = json.loads(marker.read_text())
+    try:
+        info = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise UsageError(
+            f"{marker} is damaged, so '{out}' cannot be told apart from another run's folder. Set output_dir to a "
+            "new folder, or delete the marker to resume this stage's checkpoints there."
+        )
     if info.get("stage") != stage:
         raise UsageError(
             f"output_dir '{out}' holds an unfinished '{info.get('stage')}' run, not a '{stage}' run. "

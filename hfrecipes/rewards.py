@@ -114,6 +114,8 @@ def resolve(name: str) -> Callable[..., list[float]]:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UsageError(f"reward '{name}': module '{module_name}' cannot be imported ({e}).") from None
+    except SyntaxError as e:  # the user's own reward module: name the file and line rather than a traceback
+        raise UsageError(f"reward '{name}': {e.filename}, line {e.lineno}: {e.msg}. Fix the module.") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UsageError(f"reward '{name}': module '{module_name}' has no function '{attr}'.")

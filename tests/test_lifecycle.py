@@ -247,7 +247,12 @@ def test_lifecycle_package_is_a_module_and_the_api_a_function():
         importlib.import_module("hfrecipes.lifecycle")
 
 
-DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id on every xdist worker (an object()'s id holds its address)
+        return "DELETE"
+
+
+DELETE = _Delete()
 BAD_LIFECYCLES = [
     # (block, key, value, words the message must contain)
     ("export", "candidates", DELETE, ["export", "'candidates' is missing"]),

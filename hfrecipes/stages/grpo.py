@@ -75,18 +75,22 @@ class GRPOTrainer(card.OwnsCard, trl.GRPOTrainer):
 
 
 def reward_functions(training_args: GRPOConfig) -> list:
-    """The recipe's rewards, resolved before any model loads (a bad name fails fast)."""
+    """The recipe's reward functions, resolved before any data or model loads (a bad name fails fast); the reward
+    model, if any, is checked here and loaded by `reward_model` once the data is known to fit."""
+    from hfrecipes.modeling import check_model_path
+
     funcs = [rewards.resolve(name) for name in training_args.reward_funcs]
-    if training_args.reward_model_path:
-        funcs.append(rewards.reward_model_scorer(training_args.reward_model_path))
-    if not funcs:
+    count = len(funcs) + bool(training_args.reward_model_path)
+    if not count:
         raise UsageError("reward_funcs is empty and reward_model_path unset: GRPO needs at least one reward.")
     weights = training_args.reward_weights
-    if weights is not None and len(weights) != len(funcs):
+    if weights is not None and len(weights) != count:
         raise UsageError(
-            f"reward_weights has {len(weights)} values for {len(funcs)} rewards "
+            f"reward_weights has {len(weights)} values for {count} rewards "
             f"({training_args.reward_funcs}{' + reward model' if training_args.reward_model_path else ''})."
         )
+    if training_args.reward_model_path:
+        check_model_path(training_args.reward_model_path, "reward_model_path")
     return funcs
 
 
@@ -130,6 +134,8 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     needs = [["prompt", "answer"]] if "accuracy" in training_args.reward_funcs else [["prompt"]]
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, needs)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+    if training_args.reward_model_path:
+        funcs.append(rewards.reward_model_scorer(training_args.reward_model_path))
 
     # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
     tokenizer = modeling.load_stage_tokenizer(model_args)

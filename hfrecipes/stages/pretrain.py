@@ -110,6 +110,8 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
         )
     if model_args.model_name_or_path:
         modeling.check_model_path(model_args.model_name_or_path)
+    if training_args.tokenizer_name_or_path:
+        modeling.check_model_path(training_args.tokenizer_name_or_path, "tokenizer_name_or_path")
 
     # Data: load and check before any model exists.
     if script_args.dataset_columns is None and training_args.dataset_text_field != "text":
