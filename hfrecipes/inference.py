@@ -1,5 +1,6 @@
 """Batched generation: the vLLM engine when installed, transformers' batched `generate` with the KV cache otherwise.
-Inference never changes weights. Measures tokens/s and records inference FLOPs (~2·N per generated token) and cost.
+Inference never changes weights. Measures tokens/s, the prompt (prefill) and generation (decode) rates apart, and
+records inference FLOPs (~2·N per token), the KV cache and the cost per input and per output token.
 
     hfrecipes generate runs/tiny/export --prompts prompts.jsonl --out out.jsonl --max_new_tokens 32
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -71,12 +73,30 @@ def fit_colocate_weight_sync(generation) -> bool:
 
 def colocate_reload_weights(generation) -> None:
     """The weight sync `fit_colocate_weight_sync` gives TRL's `VLLMGeneration`: the policy's tensors streamed
-    through the colocated engine's in-place `reload_weights`, then the prefix cache dropped."""
+    through the colocated engine's in-place `reload_weights`, then the prefix cache dropped.
+
+    A tied output embedding (`tie_word_embeddings`) is not in the stream: it shares the input embedding's tensor.
+    On a CPU, though, vLLM projects the logits through a GEMM it prepared from a packed copy of that tensor (oneDNN's
+    float32 kernels, the AMX bfloat16 ones), and `reload_weights` prepares again only the layers it loads, so the
+    engine would keep the old head. Its preparation is rerun from the shared tensor (off a CPU it does nothing)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
     runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
     weights = generation._iter_named_params()
-    runner.reload_weights(weights_iterator=weights)
+    names = set()
+
+    def streamed():
+        for name, tensor in weights:
+            names.add(name)
+            yield name, tensor
+
+    runner.reload_weights(weights_iterator=streamed())
     for _ in weights:  # TRL's iterator unmerges LoRA adapters when it is exhausted
         pass
+    head = getattr(runner.get_model(), "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if "lm_head.weight" not in names and isinstance(method, UnquantizedEmbeddingMethod):
+        method.process_weights_after_loading(head)
     generation.llm.reset_prefix_cache()
 
 
@@ -104,6 +124,29 @@ def read_prompts(path: str | Path) -> list[Any]:
     return prompts
 
 
+def prompt_ids(tok, prompts) -> list[list[int]]:
+    """Token ids of prompts: chat messages through the chat template, plain strings as they are."""
+    out = []
+    for p in prompts:
+        if isinstance(p, list):
+            text = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        else:
+            text = p
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def left_padded(ids: list[list[int]], pad: int, device=None):
+    """A batch of prompts as (input_ids, attention_mask) tensors, padded on the left so every row ends where its
+    generation starts."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
 def generate_ids(
     model,
     tok,
@@ -127,10 +170,8 @@ def generate_ids(
     outputs: list[list[list[int]]] = []
     for i in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=desc is None):
         chunk = ids[i : i + batch_size]
-        width = max(len(x) for x in chunk)
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)  # left padding
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+        input_ids, mask = left_padded(chunk, pad, next(model.parameters()).device)
+        width = input_ids.shape[1]
         with torch.no_grad():
             gen = model.generate(
                 input_ids=input_ids,
@@ -150,20 +191,50 @@ def generate_ids(
     return outputs
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill_seconds(model, tok, ids: list[list[int]], batch_size: int = 32, n: int = 1) -> tuple[float, int]:
+    """Wall seconds and token count of the prompt forward passes alone, batched as `generate_ids` batches them:
+    left-padded, each prompt repeated `n` times (transformers' `generate` prefills every sample's copy), the KV
+    cache built and the logits of the last position only, as `generate`'s first step does."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    seconds, tokens = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i : i + batch_size]
+            input_ids, mask = left_padded(chunk, pad, device)
+            input_ids, mask = input_ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            _sync(device)
+            start = time.perf_counter()
+            model(input_ids=input_ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            seconds += time.perf_counter() - start
+            tokens += n * sum(len(x) for x in chunk)
+    return seconds, tokens
+
+
 def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed, batch_size):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfrecipes.exporting import prompt_ids
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
     ids = prompt_ids(tok, prompts)
+    prefill_seconds(model, tok, ids[:batch_size], batch_size)  # warm-up, so neither timed side pays for it
+    prefill, prefilled = prefill_seconds(model, tok, ids, batch_size, n)
     torch.manual_seed(seed)
     start = time.perf_counter()
     outputs = generate_ids(model, tok, ids, max_new_tokens, temperature, top_p, n, batch_size)
     wall = time.perf_counter() - start
-    return tok, model, outputs, wall
+    return tok, outputs, {"wall": wall, "prefill": prefill, "prefilled": prefilled, "input": sum(map(len, ids))}
 
 
 def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -175,19 +246,53 @@ def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 def _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed):
-    from transformers import AutoConfig, AutoTokenizer
-
-    from hfrecipes.exporting import prompt_ids
+    """Generate, then time the prompts alone (`max_tokens=1`: one prefill step, its one sampled token left in).
+    The prefix cache is emptied before each timed side, so neither reuses the other's prompt blocks."""
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     llm, SamplingParams = vllm_engine(model_dir, seed=seed)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, n=n, seed=seed)
     ids = prompt_ids(tok, prompts)
+    requests = [{"prompt_token_ids": x} for x in ids]
+    llm.generate(requests[:1], SamplingParams(max_tokens=1), use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()
     start = time.perf_counter()
-    results = llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=True)
+    results = llm.generate(requests, params, use_tqdm=True)
     wall = time.perf_counter() - start
     outputs = [[list(o.token_ids) for o in r.outputs] for r in results]
-    return tok, AutoConfig.from_pretrained(model_dir), outputs, wall
+    llm.reset_prefix_cache()
+    start = time.perf_counter()
+    llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    prefill = time.perf_counter() - start
+    inputs = sum(map(len, ids))
+    return tok, outputs, {"wall": wall, "prefill": prefill, "prefilled": inputs, "input": inputs}
+
+
+def greedy_transformers(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list[int]]:
+    """Greedy completion ids of each prompt, one at a time (no padding), from a model folder with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    outs = []
+    for ids in prompt_ids(tok, prompts):
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        outs.append(gen[0, len(ids) :].tolist())
+    return outs
+
+
+def greedy_vllm(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list[int]]:
+    """Greedy completion ids of each prompt from a model folder in the vLLM engine."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm, SamplingParams = vllm_engine(model_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids(tok, prompts)], params, use_tqdm=False)
+    return [list(r.outputs[0].token_ids) for r in results]
 
 
 def _param_count(model_dir: Path) -> int:
@@ -198,15 +303,31 @@ def _param_count(model_dir: Path) -> int:
     for f in Path(model_dir).glob("*.safetensors"):
         with safe_open(f, "pt") as st:
             for k in st.keys():
-                total += _prod(st.get_slice(k).get_shape())
+                total += math.prod(st.get_slice(k).get_shape())
     return total
 
 
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+def _weight_bytes(model_dir: Path) -> int:
+    """Bytes of the safetensors files: the weights a decode step reads (the JSON headers are a few kB)."""
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a transformers KV cache holds (every layer's keys and values), to check `costs.kv_bytes_per_token`."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def kv_cache_of(model_dir: str | Path, device: dict[str, Any] | str | None, context: int | None = None):
+    """The KV cache of a model folder (`hfrecipes.costs.kv_cache`): bytes per token from its `config.json`, and the
+    sequences of `context` tokens that fit beside its weights in a device's memory; None without a usable config."""
+    from hfrecipes.costs import kv_cache
+
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return kv_cache(config, _weight_bytes(model_dir), device, context) if isinstance(config, dict) else None
 
 
 def generate(
@@ -222,16 +343,30 @@ def generate(
     batch_size: int = 32,
     price_per_hour: float | None = None,
     record_stats: bool = True,
+    daily_input_tokens: float | None = None,
+    daily_output_tokens: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every prompt; returns (rows, stats). Rows: prompt, completions (text), completion token counts.
-    Stats: engine, prompts, generated tokens, wall seconds, tokens/s, inference FLOPs (2·N per token) and, given a
-    price per device-hour (default: the cost table's for this device), dollars per million generated tokens. With
+
+    Stats: engine, prompts, input and generated tokens, wall seconds, tokens/s (generated tokens over the whole
+    run), the prefill and decode rates apart, inference FLOPs (2·N per generated token), the KV cache
+    (`hfrecipes.costs.kv_cache`) and, given a price per device-hour (default: the cost table's for this device),
+    dollars per million generated tokens over the whole run and per million input and output tokens apart. With
     `record_stats`, the stats are added to the model folder's record (`inference`) and its card re-rendered, so the
-    card shows measured serving cost."""
+    card shows measured serving cost; `daily_input_tokens` and `daily_output_tokens` go with them as the traffic the
+    card states the lifetime cost for.
+
+    The prefill rate is timed on a pass over the prompts alone (transformers: a forward over each left-padded
+    batch; vLLM: `max_tokens=1`), the decode rate is generated tokens / (generation wall - prefill wall). This
+    takes generation to be one prefill followed by decode steps; it leaves out that vLLM schedules prefill chunks
+    and decode steps together, and that a pass over the prompts alone need not take the time it takes inside
+    generation."""
     from hfrecipes import record as records
-    from hfrecipes.cost import serving
+    from hfrecipes.costs import dollars_per_million_tokens, serving
+    from hfrecipes.modeling import check_model_files
     from hfrecipes.record import device_info
 
+    check_model_files(model_dir, "model folder")
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"model folder '{model_dir}' holds no config.json; export a stage first (hfrecipes export).")
@@ -244,13 +379,16 @@ def generate(
         )
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or n < 1:
         raise UsageError("sampling: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and n >= 1 are needed.")
+    for name, value in (("daily_input_tokens", daily_input_tokens), ("daily_output_tokens", daily_output_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise UsageError(f"{name} must be a number of tokens a day, zero or more; got {value!r}.")
     if isinstance(prompts, (str, Path)):
         prompts = read_prompts(prompts)
     use_vllm = engine == "vllm" or (engine == "auto" and vllm_available())
     if use_vllm:
-        tok, _, outputs, wall = _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed)
+        tok, outputs, timing = _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed)
     else:
-        tok, _, outputs, wall = _generate_transformers(
+        tok, outputs, timing = _generate_transformers(
             model_dir, prompts, temperature, top_p, max_new_tokens, n, seed, batch_size
         )
     rows = [
@@ -263,24 +401,53 @@ def generate(
     ]
     generated = sum(sum(r["completion_tokens"]) for r in rows)
     params = _param_count(model_dir)
+    wall, prefill = timing["wall"], timing["prefill"]
     tps = generated / wall if wall > 0 else None
+    prefill_tps = timing["prefilled"] / prefill if prefill > 0 else None
+    decode_tps = generated / (wall - prefill) if wall > prefill and generated else None
     device = device_info(1)
-    serve = serving(params, device, tps, price_per_hour)  # price: the argument, else the device table's
+    kv = kv_cache_of(model_dir, device)
+    serve = serving(  # price: the argument, else the device table's
+        params,
+        device,
+        price_per_hour=price_per_hour,
+        prefill_tokens_per_second=prefill_tps,
+        decode_tokens_per_second=decode_tps,
+        weight_bytes=_weight_bytes(model_dir),
+        kv_bytes_per_token=(kv or {}).get("bytes_per_token"),
+        context=(kv or {}).get("context"),
+    )
+    price = serve["price_per_hour"]
     stats = {
         "engine": "vllm" if use_vllm else "transformers",
         "prompts": len(prompts),
         "samples_per_prompt": n,
+        "input_tokens": timing["input"],
         "generated_tokens": generated,
         "wall_seconds": round(wall, 3),
         "tokens_per_second": tps,
+        "prefill_seconds": round(prefill, 4),
+        "prefill_tokens": timing["prefilled"],
+        "prefill_tokens_per_second": prefill_tps,
+        "decode_seconds": round(wall - prefill, 4),
+        "decode_tokens_per_second": decode_tps,
         "params": params,
         "inference_flops": 2.0 * params * generated,
         "flops_per_token": 2.0 * params,
         "device": device,
-        "price_per_hour": serve["price_per_hour"],
-        "dollars_per_million_tokens": serve["dollars_per_million_tokens"],
+        "price_per_hour": price,
+        "dollars_per_million_tokens": dollars_per_million_tokens(price, tps) if price is not None else None,
+        "dollars_per_million_input_tokens": serve["dollars_per_million_input_tokens"] if prefill_tps else None,
+        "dollars_per_million_output_tokens": serve["dollars_per_million_output_tokens"] if decode_tps else None,
+        "output_input_price_ratio": prefill_tps / decode_tps if prefill_tps and decode_tps else None,
+        "kv_cache": kv,
         "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
     }
+    if daily_input_tokens is not None or daily_output_tokens is not None:
+        stats["traffic"] = {
+            "daily_input_tokens": float(daily_input_tokens or 0),
+            "daily_output_tokens": float(daily_output_tokens or 0),
+        }
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
