@@ -21,6 +21,7 @@ from hfrecipes.api import (
     recipes,
     reward,
     run_stage,
+    serve,
     sft,
 )
 from hfrecipes.errors import UsageError
@@ -43,6 +44,7 @@ __all__ = [
     "recipes",
     "reward",
     "run_stage",
+    "serve",
     "sft",
     "__version__",
 ]

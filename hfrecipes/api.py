@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hfrecipes.runner import StageResult, parse_stage_args, run_stage
+
+if TYPE_CHECKING:
+    from hfrecipes.serving import Server
 
 __all__ = ["StageResult", "parse_stage_args", "run_stage"]  # re-exported: the runner is part of the API
 
@@ -99,3 +102,11 @@ def generate(model_dir: str | Path, prompts, out: str | Path | None = None, **kw
     from hfrecipes.inference import generate as _generate
 
     return _generate(model_dir, prompts, out, **kwargs)
+
+
+def serve(folder: str | Path, port: int = 8000, host: str = "127.0.0.1", wait: bool = True, **kwargs) -> Server:
+    """Start vLLM's OpenAI-compatible server on an export folder; returns its handle: `.url` (the API's base for an
+    OpenAI client), `.model`, `.stop()`, and a context manager that stops it (see `hfrecipes.serving.serve`)."""
+    from hfrecipes.serving import serve as _serve
+
+    return _serve(folder, port=port, host=host, wait=wait, **kwargs)

@@ -6,8 +6,10 @@ first in its bases so Transformers and TRL never write their own README.md over 
 
     class SFTTrainer(card.OwnsCard, trl.SFTTrainer): ...
 
-An inference run that measured throughput adds `record["inference"] = {"tokens_per_second": ..., "device": {...}}`
-to the folder's record; the card then shows measured serving cost instead of an estimate.
+An inference run that measured throughput adds `record["inference"] = {"prefill_tokens_per_second": ...,
+"decode_tokens_per_second": ..., "device": {...}, "kv_cache": {...}}` to the folder's record; the card then shows
+measured serving cost per input and per output token instead of an estimate. A `serving` block (the throughput
+curve `bench/serving.py` measures against vLLM's server) adds its table, and `serving.png` where the folder holds it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from hfrecipes import record as records
-from hfrecipes.costs import break_even, serving
+from hfrecipes.costs import (
+    DEFAULT_DAILY_INPUT_TOKENS,
+    DEFAULT_DAILY_OUTPUT_TOKENS,
+    DTYPE_BYTES,
+    break_even,
+    format_share,
+    lifetime,
+    overtake_day,
+    serving,
+)
 from hfrecipes.costs import format_dollars as _money
 from hfrecipes.recipe import _resource_dir
 from hfrecipes.record import Record
@@ -28,6 +39,7 @@ PIPELINE_TAGS = {"reward": "text-classification"}
 AUTO_CLASSES = {"reward": "AutoModelForSequenceClassification"}
 TRAINING_TYPES = {"pretrain": "pre-training"}
 EXPORT = "export"  # the one record that trains nothing: it merges and writes a serving folder
+SERVING_PLOT = "serving.png"  # the throughput curve `bench/serving.py` measures and draws
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -73,7 +85,14 @@ def _num(x: float | None) -> str:
     return f"{x:.4g}" if isinstance(x, (int, float)) else "n/a"
 
 
-FORMATS = {"si": _si, "duration": _duration, "money": _money, "num": _num}
+FORMATS = {
+    "si": _si,
+    "duration": _duration,
+    "money": _money,
+    "num": _num,
+    "share": format_share,
+    "overtake_day": overtake_day,
+}
 
 
 # --------------------------------------------------------------------------------------------------- lineage
@@ -98,8 +117,10 @@ def trained(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_lineage(rec: dict[str, Any]) -> list[Record]:
-    """The stages that trained this model, first to last (an export trains nothing and is not one of them)."""
-    return [r for r in Record.parse(rec).lineage() if r.stage != EXPORT]
+    """The stages that trained this model, first to last (an export trains nothing and is not one of them; an export
+    of a model with no record of its own training is its one entry)."""
+    chain = Record.parse(rec).lineage()
+    return [r for r in chain if r.stage != EXPORT] or chain[-1:]
 
 
 def first_base(rec: dict[str, Any]) -> str | None:
@@ -221,6 +242,12 @@ def existing_plots(folder: str | Path) -> list[dict[str, str]]:
     return [{"title": n, "file": f"{n}.png"} for n in ("loss", "reward") if (Path(folder) / f"{n}.png").is_file()]
 
 
+def measured_plots(folder: str | Path) -> list[dict[str, str]]:
+    """Plots a measurement wrote into the folder (not made from `metrics.jsonl`): the serving curve of
+    `bench/serving.py`. The card shows it in its serving section, beside the curve's table."""
+    return [{"title": "serving", "file": SERVING_PLOT}] if (Path(folder) / SERVING_PLOT).is_file() else []
+
+
 # ----------------------------------------------------------------------------------------------------- render
 
 
@@ -277,6 +304,102 @@ def heldout_line(heldout: dict[str, Any] | None) -> str | None:
     return f"{heldout['metric']}: {change}{rows} ({better} is better)"
 
 
+# --------------------------------------------------------------------------------------------------- serving
+
+
+def kv_block(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The KV cache an inference run or the export measured from the model's config (`costs.kv_cache`)."""
+    return (rec.get("inference") or {}).get("kv_cache") or (rec.get("export") or {}).get("kv_cache")
+
+
+def weight_bytes(model: dict[str, Any], params: float | None) -> float | None:
+    """Bytes of the weights from the record's parameter count and dtype (2 bytes a parameter if it is not known)."""
+    if not params:
+        return None
+    return params * DTYPE_BYTES.get(str(model.get("dtype") or "").replace("torch.", ""), 2)
+
+
+def serving_traffic(rec: dict[str, Any]) -> tuple[float, float, str]:
+    """Input and output tokens a day the card states the lifetime cost for, and where they come from: the record
+    (`generate(daily_input_tokens=..., daily_output_tokens=...)`), else the default of `hfrecipes.costs`."""
+    traffic = (rec.get("inference") or {}).get("traffic") or {}
+    daily_in, daily_out = traffic.get("daily_input_tokens"), traffic.get("daily_output_tokens")
+    if isinstance(daily_in, (int, float)) and isinstance(daily_out, (int, float)):
+        return float(daily_in), float(daily_out), "the traffic recorded with this folder's inference run"
+    return (
+        DEFAULT_DAILY_INPUT_TOKENS,
+        DEFAULT_DAILY_OUTPUT_TOKENS,
+        "hfrecipes' default traffic, `DEFAULT_DAILY_INPUT_TOKENS` and `DEFAULT_DAILY_OUTPUT_TOKENS` in "
+        "`hfrecipes/costs.py`; record your own with `hfrecipes.generate(..., daily_input_tokens=..., "
+        "daily_output_tokens=...)`",
+    )
+
+
+def kv_text(kv: dict[str, Any] | None, serve: dict[str, Any]) -> dict[str, str]:
+    """The serving table's KV-cache and price-ratio cells."""
+    ratio = serve.get("output_input_price_ratio")
+    out = {"ratio": f"{ratio:.3g}x" if ratio else "n/a"}
+    if not kv:
+        return {
+            **out,
+            "formula": "2 x layers x KV heads x head dim x dtype bytes",
+            "bytes_per_token": "n/a (no model config recorded: export the model or run `hfrecipes generate`)",
+            "fit_label": "concurrent sequences that fit in one device's memory after the weights",
+            "fit": "n/a",
+        }
+    memory = _si(kv["device_memory_bytes"], "B")
+    return {
+        **out,
+        "formula": f"2 x {kv['n_layers']} layers x {kv['n_kv_heads']} KV heads of {kv['n_heads']} heads x "
+        f"{kv['head_dim']} head dim x {kv['dtype_bytes']} bytes ({kv['dtype']})",
+        "bytes_per_token": f"{kv['bytes_per_token']:,.0f} B",
+        "fit_label": f"sequences of {kv['context']} tokens whose KV cache fits after the weights in "
+        f"{kv['memory_utilization']:.0%} of one {kv['device_label']}'s {memory} ({kv['device_source']})",
+        "fit": f"{kv['concurrent_sequences']:,}",
+    }
+
+
+def _seconds(x: float | None) -> str:
+    if not isinstance(x, (int, float)):
+        return "n/a"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _ratio(x: float | None) -> str:
+    return f"{x:.2f}x" if isinstance(x, (int, float)) else "n/a"
+
+
+def serving_curve(rec: dict[str, Any], plots: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The card's throughput curve from the record's `serving` block (`bench/serving.py`): one formatted row per
+    level of concurrency, and the plot when the folder holds it. None without a `serving` block."""
+    block = rec.get("serving")
+    if not isinstance(block, dict) or not block.get("levels"):
+        return None
+    rows = [
+        {
+            "concurrency": lv.get("concurrency"),
+            "tokens_per_second": _si(lv.get("output_tokens_per_second")),
+            "ratio": _ratio(lv.get("tokens_per_second_ratio")),
+            "requests_per_second": _si(lv.get("requests_per_second")),
+            "p50": _seconds(lv.get("latency_p50_seconds")),
+            "p95": _seconds(lv.get("latency_p95_seconds")),
+            "ttft": _seconds(lv.get("ttft_p50_seconds")),
+        }
+        for lv in block["levels"]
+    ]
+    device = block.get("device") or {}
+    return {
+        "rows": rows,
+        "engine": block.get("engine") or "vLLM",
+        "device": f"{device.get('count', 1)} x {device.get('name') or device.get('kind') or 'unknown device'}",
+        "measured": block.get("measured") or "unknown date",
+        "requests": block["levels"][0].get("requests"),
+        "max_tokens": block.get("max_tokens"),
+        "stop_at_eos": bool(block.get("stop_at_eos")),
+        "plot": next((p["file"] for p in plots if p["file"] == SERVING_PLOT), None),
+    }
+
+
 def render(
     rec: dict[str, Any],
     repo_or_path: str = "path/to/this/folder",
@@ -305,13 +428,27 @@ def render(
         cutoff = {**cutoff, "detail": cutoff.get("detail", "") + note}
 
     inference = rec.get("inference") or {}
+    kv = kv_block(rec)
     serve = serving(
         params or 0,
         inference.get("device") or compute.get("cost_device") or compute.get("device"),
         inference.get("tokens_per_second"),
         inference.get("price_per_hour", compute.get("price_per_hour") if not inference.get("device") else None),
+        prefill_tokens_per_second=inference.get("prefill_tokens_per_second"),
+        decode_tokens_per_second=inference.get("decode_tokens_per_second"),
+        weight_bytes=(kv or {}).get("weight_bytes") or weight_bytes(model, params),
+        kv_bytes_per_token=(kv or {}).get("bytes_per_token"),
+        context=(kv or {}).get("context"),
     )
-    even = break_even(total["dollars"] or 0.0, serve["dollars_per_million_tokens"])
+    even = break_even(total["dollars"] or 0.0, serve["dollars_per_million_output_tokens"])
+    daily_in, daily_out, traffic_source = serving_traffic(rec)
+    life = lifetime(
+        total["dollars"],
+        serve["dollars_per_million_input_tokens"],
+        serve["dollars_per_million_output_tokens"],
+        daily_in,
+        daily_out,
+    )
     flops_even = total["flops"] / serve["flops_per_token"] if total["flops"] and params else None
 
     versions = ", ".join(f"{k} {v}" for k, v in rec.get("versions", {}).items())
@@ -339,6 +476,10 @@ def render(
         compute=compute,
         lineage_total=total,
         serve=serve,
+        inference=inference,
+        kv_text=kv_text(kv, serve),
+        lifetime=life,
+        traffic_source=traffic_source,
         break_even=even,
         flops_break_even=flops_even,
         heldout=heldout_line(heldout),
@@ -346,7 +487,8 @@ def render(
         adapter=model.get("adapter"),
         auto_class=AUTO_CLASSES.get(last["stage"], "AutoModelForCausalLM"),
         repo=repo,
-        plots=plots if plots is not None else [],
+        plots=[p for p in plots or [] if p["file"] != SERVING_PLOT],
+        serving_curve=serving_curve(rec, plots or []),
         recipe_yaml=yaml.safe_dump(values, sort_keys=False) if values else "{}\n",
         versions=versions,
         **FORMATS,
@@ -357,5 +499,5 @@ def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name
     """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder. `name` is the path
     the card calls the model by, when the folder is written under a temporary name first."""
     folder = Path(folder)
-    written = write_plots(folder) if plots else existing_plots(folder)
+    written = (write_plots(folder) if plots else existing_plots(folder)) + measured_plots(folder)
     records.atomic_write_text(folder / "README.md", str(render(rec, str(name or folder), plots=written)))

@@ -5,6 +5,7 @@ hfrecipes check tiny/pretrain
 hfrecipes pretrain --config tiny/pretrain --max_steps 50
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
+hfrecipes serve runs/tiny/export --port 8000
 hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft
 hfrecipes accelerate-config zero3
 """
@@ -70,14 +71,36 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--n-layers", type=int, default=None, help="with --seq-len and --d-model: add attention FLOPs")
     cost.add_argument("--seq-len", type=int, default=None, help="training sequence length (attention term)")
     cost.add_argument("--d-model", type=int, default=None, help="hidden size (attention term)")
-    cost.add_argument("--serve-mfu", type=float, default=None, help="serving utilisation of peak (default 0.2)")
-    cost.add_argument("--serve-tokens-per-second", type=float, default=None, help="measured serving throughput")
-    cost.add_argument("--daily-tokens", type=float, default=None, help="generated tokens a day (break-even days)")
+    cost.add_argument(
+        "--serve-mfu", type=float, default=None, help="share of peak a prompt (prefill) reaches (default: --mfu)"
+    )
+    cost.add_argument(
+        "--serve-tokens-per-second", type=float, default=None, help="measured output (decode) tokens/s per device"
+    )
+    cost.add_argument(
+        "--serve-prefill-tokens-per-second", type=float, default=None, help="measured input (prefill) tokens/s"
+    )
+    cost.add_argument(
+        "--kv-bytes-per-token", type=float, default=None, help="KV cache per token, sizes the decode batch estimate"
+    )
+    cost.add_argument("--context", type=int, default=None, help="tokens of context a sequence holds (default 4096)")
+    cost.add_argument(
+        "--daily-tokens", type=float, default=None, help="generated (output) tokens a day; = --daily-output-tokens"
+    )
+    cost.add_argument("--daily-input-tokens", type=float, default=None, help="prompt (input) tokens a day")
+    cost.add_argument("--daily-output-tokens", type=float, default=None, help="generated (output) tokens a day")
     cost.add_argument("--json", action="store_true", help="print the plan as JSON")
     push = sub.add_parser("push", help="upload a finished stage folder to the Hugging Face Hub")
     push.add_argument("folder", metavar="STAGE_DIR", help="a finished stage folder")
     push.add_argument("--repo-id", required=True, help="the model repo, e.g. me/tiny-sft")
     push.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    srv = sub.add_parser("serve", help="serve an export folder with vLLM's OpenAI-compatible server (foreground)")
+    srv.add_argument("folder", metavar="EXPORT_DIR", help="a folder `hfrecipes export` wrote")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--served-model-name", help="the model name clients ask for (default: the folder's name)")
+    srv.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the server to answer")
+    srv.add_argument("--log", help="file for the server's output (default: a temporary file)")
     life = sub.add_parser("lifecycle", help="run or resume a whole lifecycle (default: tiny/lifecycle)")
     life.add_argument("recipe", nargs="?", default="tiny/lifecycle", help="a lifecycle recipe name or path")
     life.add_argument("--run_dir", help="folder of the run (default: the recipe's run_dir, else runs/<name>)")
@@ -188,6 +211,36 @@ def _cost(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """The server in the foreground until SIGTERM, SIGHUP or Ctrl-C, which stop it and everything it started."""
+    import signal
+
+    from hfrecipes.api import serve
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    options = {"served_model_name": args.served_model_name, "startup_timeout": args.startup_timeout, "log": args.log}
+    try:
+        with serve(args.folder, port=args.port, host=args.host, **options) as server:
+            print(
+                f"serving {args.folder} as '{server.model}' at {server.url} (OpenAI API), pid {server.pid}, log "
+                f"{server.log_path}; Ctrl-C or SIGTERM stops it",
+                flush=True,
+            )
+            code = server.wait()
+            print(f"hfrecipes: error: {server.failure(f'exited with code {code}')}", file=sys.stderr)
+            server.stop(keep_log=True)
+            return 1
+    except KeyboardInterrupt:
+        print("server stopped", file=sys.stderr)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -205,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_recipes()))
             return 0
-        if args.command in ("check", "export", "generate", "cost", "push", "lifecycle") and rest:
+        if args.command in ("check", "export", "generate", "cost", "push", "lifecycle", "serve") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
+        if args.command in ("generate", "cost"):
+            from hfrecipes.recipe import check_finite
+
+            check_finite(vars(args), f"hfrecipes {args.command}")  # nan passes every range check that follows
         if args.command == "export":
             from hfrecipes.api import export
 
@@ -245,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{stats['flops_per_token']:.3g} FLOPs/token" + (f"; ${cost:.4f} per 1M tokens" if cost else "")
             )
             return 0
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "lifecycle":
             from hfrecipes.api import lifecycle
             from hfrecipes.lifecycles.spec import parse_sets

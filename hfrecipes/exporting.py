@@ -17,7 +17,7 @@ from typing import Any
 
 from hfrecipes import record
 from hfrecipes.errors import UsageError
-from hfrecipes.inference import greedy_transformers, greedy_vllm, until_eos, vllm_available
+from hfrecipes.inference import greedy_transformers, greedy_vllm, kv_cache_of, until_eos, vllm_available
 from hfrecipes.modeling import check_stage_dir, is_adapter, load_merged
 from hfrecipes.stagerun import StageRun
 
@@ -129,6 +129,7 @@ def export(
         training_only = ("steps", "train_loss", "first_logged_loss", "last_logged_loss")
         rec["metrics"] = {k: v for k, v in ((parent or {}).get("metrics") or {}).items() if k not in training_only}
         rec["export"] = {"dtype": dtype, "generation": settings, "model_name": model_name(out_dir, parent)}
+        rec["export"]["kv_cache"] = kv_cache_of(tmp, rec["compute"]["device"])
         if verify_load:
             rec["export"]["verify"] = verify(tmp, use_vllm)
             vl = rec["export"]["verify"].get("vllm")

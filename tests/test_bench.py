@@ -1,12 +1,17 @@
-"""The benchmark helpers measure what they claim: padding-free SFT is exact, the step timer sees every step.
+"""The benchmark helpers measure what they claim: padding-free SFT is exact, the step timer sees every step, the
+serving curve's percentiles, ratios and record block are what they say and the card shows them.
 
 pytest tests/test_bench.py
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the top of the repository
 
@@ -40,3 +45,75 @@ def test_step_timer_sees_every_step_and_runs_the_hook_between(tiny_pretrained, t
     assert len(times.stamps) == len(times.resumed) == 4
     assert times.train_dataloader is not None
     assert all(s > 0 for s in times.per_step(skip=0))
+
+
+DEVICE = {"kind": "cpu", "name": "x86_64", "count": 1}
+MEASURED = "2026-01-01T00:00:00+00:00"
+
+
+def _levels():
+    """Two levels of a serving curve as `bench/serving.py` measures them, from hand-made requests."""
+    from bench.serving import Sample, level_stats
+
+    one = [Sample(latency=0.2 + 0.02 * i, ttft=0.02, output_tokens=32) for i in range(8)]
+    four = [Sample(latency=0.4 + 0.02 * i, ttft=0.05 + 0.01 * i, output_tokens=32) for i in range(8)]
+    return [level_stats(4, four, wall=1.0), level_stats(1, one, wall=2.0)]
+
+
+def test_percentile_interpolates_between_ranks():
+    from bench.serving import percentile
+
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert percentile(xs, 50) == 3.0 and percentile(xs, 0) == 1.0 and percentile(xs, 100) == 5.0
+    assert percentile(xs, 95) == pytest.approx(4.8)  # 95% of the way from rank 0 to rank 4
+    assert percentile([1.0, 2.0], 50) == 1.5 and percentile([7.0], 95) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_serving_levels_and_ratios_against_one_at_a_time():
+    from bench.serving import round_order, serving_block, summary, table
+
+    assert round_order([16, 1, 4], 3) == [1, 4, 16, 16, 4, 1, 1, 4, 16]
+
+    block = serving_block(_levels(), DEVICE, MEASURED, "vllm 0.0", max_tokens=32, requests_per_level=8)
+    assert set(block) >= {"levels", "device", "measured", "engine"} and block["engine"] == "vllm 0.0"
+    one, four = block["levels"]  # sorted by concurrency
+    assert (one["concurrency"], four["concurrency"]) == (1, 4)
+    assert one["output_tokens"] == 256 and one["output_tokens_per_second"] == 128.0
+    assert four["requests_per_second"] == 8.0
+    assert one["latency_p50_seconds"] == pytest.approx(0.27) and four["latency_p95_seconds"] == pytest.approx(0.533)
+    assert four["tokens_per_second_ratio"] == 2.0 and four["requests_per_second_ratio"] == 2.0
+    assert four["latency_p50_ratio"] == pytest.approx(0.47 / 0.27) and four["ttft_p50_ratio"] == pytest.approx(4.25)
+    assert all(one[k] == 1.0 for k in ("tokens_per_second_ratio", "latency_p95_ratio", "ttft_p50_ratio"))
+    json.dumps(block)  # goes into record.json as it is
+    lines = table(block["levels"]).splitlines()
+    assert len(lines) == 3 and lines[2].split()[:3] == ["4", "256", "2.00x"]
+    assert summary(block["levels"]).startswith("summary: 4 concurrent requests 2.00x the output tokens/s")
+
+
+def test_card_shows_the_serving_curve_with_its_plot(tmp_path):
+    from bench.serving import serving_block
+    from hfrecipes import card, record
+
+    rec = record.new_record("sft", {"path": None, "values": {}}, None)
+    rec.update(
+        status="complete",
+        model={"model_type": "llama", "params_total": 1000, "source": "random init", "adapter": None},
+        data={"datasets": [{"name": "tiny:sft"}], "tokens_seen": 10},
+        compute=record.compute_summary(1000, 10, 0.0, 36.0, DEVICE),
+        metrics={"steps": 1},
+    )
+    card.write_card(tmp_path, rec)
+    assert "Throughput against concurrency" not in (tmp_path / "README.md").read_text()
+    rec["serving"] = serving_block(_levels(), DEVICE, MEASURED, "vllm 0.0", max_tokens=32, requests_per_level=8)
+    card.write_card(tmp_path, rec)
+    text = (tmp_path / "README.md").read_text()
+    assert "Throughput against concurrency" in text and "vllm 0.0" in text and "1 x x86_64" in text
+    assert "| 1 | 128 | 1.00x | 4 | 270 ms | 333 ms | 20 ms |" in text
+    assert "| 4 | 256 | 2.00x | 8 | 470 ms | 533 ms | 85 ms |" in text
+    assert "serving.png" not in text  # no plot in the folder: the table alone
+    (tmp_path / "serving.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    card.write_card(tmp_path, rec, plots=False)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count("](serving.png)") == 1 and "## Training curves" not in text  # in the serving section only
+    assert text.index("](serving.png)") < text.index("## Evaluation results")

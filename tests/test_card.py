@@ -221,7 +221,7 @@ def test_measured_serving_cost_replaces_the_estimate():
     rec = _synthetic(inference={"tokens_per_second": 1000.0, "device": {"kind": "cuda", "name": "NVIDIA L4"}})
     text = str(card.render(rec))
     per_million = 0.80 / (1000.0 * 3600) * 1e6
-    row = next(r for r in _table(text, "| | |") if r[0].startswith("dollars per 1M"))
+    row = next(r for r in _table(text, "| | |") if r[0].startswith("dollars per 1M output"))
     assert row[1] == card._money(per_million)
     assert "tokens/s per device (measured)" in text
 

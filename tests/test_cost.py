@@ -41,6 +41,7 @@ HAND = [
     (1.2e8, 1e10, "l4", 0.80, 0.3, 0.3, 1e7),
 ]
 PEAK = {"h100": 989e12, "a100": 312e12, "l4": 121e12}
+BANDWIDTH = {"h100": 3.35e12, "a100": 2.039e12, "l4": 300e9}  # bytes/s, the vendors' data sheets
 
 
 @pytest.mark.parametrize("params,tokens,device,price,mfu,serve_mfu,daily", HAND)
@@ -49,19 +50,25 @@ def test_plan_matches_hand_computation(params, tokens, device, price, mfu, serve
     flops = 6 * params * tokens
     hours = flops / (PEAK[device] * mfu) / 3600
     dollars = hours * price
-    tokens_per_second = PEAK[device] * serve_mfu / (2 * params)
-    per_million = price / (tokens_per_second * 3600) * 1e6
-    even = dollars / per_million * 1e6
+    prefill = PEAK[device] * serve_mfu / (2 * params)  # compute-bound
+    decode = min(32 * BANDWIDTH[device] / (2 * params), prefill)  # 32 sequences a step read the BF16 weights once
+    per_million_in = price / (prefill * 3600) * 1e6
+    per_million_out = price / (decode * 3600) * 1e6
+    even = dollars / per_million_out * 1e6
     assert p["training"]["flops"] == pytest.approx(flops)
     assert p["training"]["device_hours"] == pytest.approx(hours)
     assert p["training"]["wall_hours"] == pytest.approx(hours / 8)
     assert p["training"]["dollars"] == pytest.approx(dollars)
     assert p["serving"]["flops_per_token"] == pytest.approx(2 * params)
-    assert p["serving"]["dollars_per_million_tokens"] == pytest.approx(per_million)
+    assert p["serving"]["dollars_per_million_input_tokens"] == pytest.approx(per_million_in)
+    assert p["serving"]["dollars_per_million_output_tokens"] == pytest.approx(per_million_out)
+    assert p["serving"]["dollars_per_million_tokens"] == p["serving"]["dollars_per_million_output_tokens"]
     assert p["break_even"]["tokens"] == pytest.approx(even)
     assert p["break_even"]["days"] == pytest.approx(even / daily)
-    # Same device for both: break-even is 3·D scaled by the two utilisations, whatever the price.
-    assert even == pytest.approx(3 * tokens * serve_mfu / mfu)
+    # Same device for both: training costs as much as prefilling 3·D tokens, scaled by the two utilisations,
+    # whatever the price; generated tokens are dearer, so fewer of them reach it.
+    assert dollars / per_million_in * 1e6 == pytest.approx(3 * tokens * serve_mfu / mfu)
+    assert even <= 3 * tokens * serve_mfu / mfu * (1 + 1e-9)
 
 
 def test_attention_term_energy_and_co2():
@@ -99,7 +106,8 @@ def test_cli_cost_json_and_text(capsys):
     out = json.loads(capsys.readouterr().out)
     hours = 6 * 7e9 * 2e12 / (989e12 * 0.4) / 3600
     assert out["training"]["dollars"] == pytest.approx(hours * 2.5)
-    assert out["break_even"]["days"] == pytest.approx(3 * 2e12 * 0.5 / 1e9)
+    decode = 32 * 3.35e12 / (2 * 7e9)  # memory-bound: 32 sequences a step over the H100's bandwidth
+    assert out["break_even"]["days"] == pytest.approx(hours * 2.5 / (2.5 / (decode * 3600)) / 1e9)
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "8.4e+22" in text and "break-even" in text and f"${hours * 2.5:,.0f}" in text
