@@ -181,7 +181,10 @@ def _row(n: dict[str, Any]) -> dict[str, str]:
 
 def lineage_rows(rec: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, str]]:
     """The lineage table of the card: formatted rows and the total row."""
-    stages, total = lineage_numbers(rec)
+    return _rows(*lineage_numbers(rec))
+
+
+def _rows(stages: list[dict[str, Any]], total: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, str]]:
     rows = [
         {"stage": s["stage"], "data": s["data"], "cutoff": s["knowledge_cutoff"] or "unknown", **_row(s)}
         for s in stages
@@ -413,7 +416,7 @@ def render(
 
     Record.parse(rec)  # a damaged record is one clear error, not a template traceback
     stages, total = lineage_numbers(rec)
-    rows, total_row = lineage_rows(rec)
+    rows, total_row = _rows(stages, total)
     last = trained(rec)
     model, data = rec.get("model") or {}, rec.get("data") or {}
     compute = last.get("compute") or {}

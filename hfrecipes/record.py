@@ -227,8 +227,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def read_record(folder: str | Path) -> dict[str, Any] | None:
-    """The record of a stage folder as its JSON dict (None where there is none), checked against `Record`."""
+def _read(folder: str | Path) -> tuple[dict[str, Any], Record] | None:
+    """The record of a stage folder as its JSON dict and as the `Record` that checked it; None where there is none."""
     path = Path(folder) / RECORD
     if not path.is_file():
         return None
@@ -236,14 +236,19 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: not valid JSON ({e}); the stage record is damaged.") from None
-    Record.parse(raw, str(path))
-    return raw
+    return raw, Record.parse(raw, str(path))
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The record of a stage folder as its JSON dict (None where there is none), checked against `Record`."""
+    found = _read(folder)
+    return found[0] if found else None
 
 
 def load_record(folder: str | Path) -> Record | None:
     """The record of a stage folder as a typed `Record` (None where there is none)."""
-    raw = read_record(folder)
-    return Record.parse(raw, str(Path(folder) / RECORD)) if raw is not None else None
+    found = _read(folder)
+    return found[1] if found else None
 
 
 def write_record(folder: str | Path, record: dict[str, Any]) -> None:
