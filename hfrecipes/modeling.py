@@ -153,6 +153,18 @@ def init_model(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
+def converted_from(folder: str | Path) -> str:
+    """' (converted from FILE.gguf)' for a folder `hfrecipes convert` wrote, so a message names the file the user
+    gave; '' for any other folder."""
+    path = Path(folder).expanduser() / "record.json"
+    try:
+        rec = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return ""
+    gguf = rec.get("gguf") if isinstance(rec, dict) and rec.get("stage") == "base" else None
+    return f" (converted from {gguf['file']})" if isinstance(gguf, dict) and gguf.get("file") else ""
+
+
 def check_model_path(name_or_path: str, field: str = "model_name_or_path") -> None:
     """A local path that is not there, or whose files are damaged, fails here, before anything loads (Hub ids pass
     through)."""
@@ -447,7 +459,7 @@ def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = Non
     except (OSError, ValueError) as e:
         raise UsageError(f"model_name_or_path '{model_args.model_name_or_path}' could not be loaded: {e}") from None
     if gguf:
-        _drop_gguf_quantizer(model)
+        drop_gguf_quantizer(model)
     return model
 
 
@@ -498,7 +510,7 @@ def kbit_device_map():
     return None
 
 
-def _drop_gguf_quantizer(model) -> None:
+def drop_gguf_quantizer(model) -> None:
     """A GGUF checkpoint loads through transformers' GGUF quantizer; once dense, the model is a plain one."""
     model.hf_quantizer = None
     for attr in ("quantization_config",):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, data, modeling
+from hfrecipes import card, chat_templates, data, modeling
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -34,8 +34,9 @@ class SFTConfig(FineTuneDefaults, LogitsHeadOption, trl.SFTConfig):
     assistant_only_loss: bool | None = field(
         default=None,
         metadata={
-            "help": "Loss on the assistant's tokens only (needs `{% generation %}` markers in the chat template, or "
-            "a template TRL can patch). Default: on for conversational `messages` data."
+            "help": "Loss on the assistant's tokens only (needs `{% generation %}` markers in the chat template, a "
+            "ChatML or Llama 3 template hfrecipes can mark, or one TRL can patch). Default: on for conversational "
+            "`messages` data."
         },
     )
 
@@ -66,26 +67,62 @@ def resolve_loss(training_args: SFTConfig, train_raw) -> bool:
     return conversational
 
 
-def check_chat_template(tokenizer, training_args: SFTConfig, conversational: bool, name: str) -> None:
-    """Conversational data needs a chat template, and assistant-only loss one that can mark the assistant's turns."""
-    from trl.chat_template_utils import get_training_chat_template
-
-    if not conversational or training_args.chat_template_path is not None:
-        return
+def check_chat_template(
+    tokenizer, training_args: SFTConfig, conversational: bool, name: str, train_raw
+) -> tuple[str | None, str | None]:
+    """Conversational data needs a chat template, and assistant-only loss one whose `{% generation %}` markers put
+    the replies in the loss. Returns the template to tokenize the training data with (None: the tokenizer's as it
+    is) and its source for the record: "own", "trl", the family it was derived for, or "chat_template_path"."""
+    if not conversational:
+        return None, None
+    if training_args.chat_template_path is not None:  # TRL reads it, and patches it where it lacks the markers
+        return None, "chat_template_path" if training_args.assistant_only_loss else None
     if not tokenizer.chat_template:
         raise UsageError(
-            f"the tokenizer of '{name}' has no chat template, and the data is conversational. Set "
-            "chat_template_path to a .jinja file or to a tokenizer whose template to use."
+            f"the tokenizer of '{name}'{modeling.converted_from(name)} has no chat template, and the data is "
+            "conversational. Set chat_template_path to a .jinja file or to a tokenizer whose template to use."
         )
-    if training_args.assistant_only_loss:
-        try:
-            get_training_chat_template(tokenizer)
-        except ValueError:
-            raise UsageError(
-                f"assistant_only_loss needs `{{% generation %}}` markers in the chat template of '{name}', and TRL "
-                "cannot patch this one. Set assistant_only_loss: false (loss on the whole conversation), or "
-                "chat_template_path to a template with the markers."
-            ) from None
+    if not training_args.assistant_only_loss:
+        return None, None
+    return chat_templates.training_template(tokenizer, sample_conversations(train_raw, name), name)
+
+
+def sample_conversations(ds, name: str, first: int = 16) -> list[list[dict]]:
+    """The conversations a marked template is checked on: the first rows, the first row of each role, and the first
+    row whose messages carry a field besides role and content (tool calls, reasoning), which templates render."""
+    rows = set(range(min(len(ds), first)))
+    for col in ("messages", "prompt", "completion"):
+        if col in ds.column_names:
+            rows.update(data.conversation_roles(ds, col, name).values())
+            rows.update(_rows_with_message_fields(ds, col))
+    conversations = []
+    for i in sorted(rows):
+        row = ds[i]
+        if isinstance(row.get("messages"), list):
+            conversations.append(row["messages"])
+        elif isinstance(row.get("prompt"), list):
+            conversations += [row["prompt"], row["prompt"] + (row.get("completion") or [])]
+    return conversations
+
+
+def _rows_with_message_fields(ds, col: str) -> list[int]:
+    """For each message field besides role and content, the first row where a message sets it (found in Arrow)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = ds.with_format("arrow")[col]
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not pa.types.is_struct(
+        arr.type.value_type
+    ):
+        return []
+    messages, parents = pc.list_flatten(arr), pc.list_parent_indices(arr)
+    hits = [
+        pc.index(values.is_valid(), True).as_py()
+        for key, values in zip(messages.type, messages.flatten(), strict=True)
+        if key.name not in ("role", "content")
+    ]
+    return [parents[hit].as_py() for hit in hits if hit >= 0]
 
 
 def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: ModelConfig, recipe: dict):
@@ -101,23 +138,31 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
 
     # Tokenizer: the checkpoint's, with a chat template that fits the data and the loss.
     tokenizer = modeling.load_stage_tokenizer(model_args)
-    check_chat_template(tokenizer, training_args, conversational, model_args.model_name_or_path)
     data.check_chat_data(train_raw, tokenizer, script_args.dataset_name, training_args.chat_template_path)
+    loss_template, loss_template_source = check_chat_template(
+        tokenizer, training_args, conversational, model_args.model_name_or_path, train_raw
+    )
 
     # Model: full weights, LoRA on top, or LoRA on a 4-bit base (QLoRA); all from the recipe's switches.
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
 
-    # Trainer.
-    trainer = SFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_raw,
-        eval_dataset=test_raw,
-        processing_class=tokenizer,
-        peft_config=modeling.peft_config(model_args),
-        callbacks=run.callbacks(),
-    )
+    # Trainer: it tokenizes the data with the marked template (TRL takes markers as they are), and the tokenizer gets
+    # the model's own back, so checkpoints and the saved tokenizer (what vLLM and users render with) carry that one.
+    own_template = tokenizer.chat_template
+    tokenizer.chat_template = loss_template or own_template
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_raw,
+            eval_dataset=test_raw,
+            processing_class=tokenizer,
+            peft_config=modeling.peft_config(model_args),
+            callbacks=run.callbacks(),
+        )
+    finally:
+        tokenizer.chat_template = own_template
     run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
     result = run.train(trainer)
     heldout = trainer.evaluate() if test_raw is not None else {}
@@ -141,6 +186,7 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
         else None,
         metrics={
             "assistant_only_loss": training_args.assistant_only_loss,
+            "loss_template": loss_template_source,
             "completion_only_loss": trainer.completion_only_loss,
             "packing": training_args.packing,
         },
