@@ -7,6 +7,7 @@ print(out.output_dir, out.record["compute"]["flops_6nd"])
 
 from hfrecipes.api import (
     StageResult,
+    convert,
     cost,
     dpo,
     export,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "StageResult",
     "UsageError",
+    "convert",
     "cost",
     "dpo",
     "export",

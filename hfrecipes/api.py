@@ -97,6 +97,15 @@ def export(stage_dir: str | Path, out_dir: str | Path, **kwargs) -> StageResult:
     return StageResult(Path(out), rec)
 
 
+def convert(gguf: str | Path, out_dir: str | Path, **kwargs) -> StageResult:
+    """Dequantize a GGUF file into a model folder with its base record (see `hfrecipes.converting.convert`)."""
+    from hfrecipes.converting import convert as _convert
+    from hfrecipes.record import read_record as _read
+
+    out = _convert(gguf, out_dir, **kwargs)
+    return StageResult(Path(out), _read(out))
+
+
 def generate(model_dir: str | Path, prompts, out: str | Path | None = None, **kwargs):
     """Batched generation with vLLM (when installed) or transformers; returns (rows, stats)."""
     from hfrecipes.inference import generate as _generate

@@ -65,7 +65,8 @@ def cards_root() -> Path:
 def _si(x: float | None, unit: str = "") -> str:
     if not isinstance(x, (int, float)):  # None, or a field the record does not hold (Jinja's Undefined)
         return "n/a"
-    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    prefixes = ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+    for factor, prefix in prefixes:
         if abs(x) >= factor:
             return f"{x / factor:.3g} {prefix}{unit}".rstrip()
     return f"{x:.3g} {unit}".rstrip()
@@ -123,11 +124,15 @@ def training_lineage(rec: dict[str, Any]) -> list[Record]:
     return [r for r in chain if r.stage != EXPORT] or chain[-1:]
 
 
+BASE = "base"  # a converted checkpoint's record: the base model's own pretraining, as published (hfrecipes.converting)
+
+
 def first_base(rec: dict[str, Any]) -> str | None:
-    """The model the lineage started from when it did not start from random weights, e.g. a Hub checkpoint."""
+    """The model the lineage started from when it did not start from random weights and has no record of its own
+    past, e.g. a Hub checkpoint (a converted GGUF's base record puts that past in the lineage instead)."""
     first = Record.parse(rec).lineage()[0]
     source = first.model.source or ""
-    if not source or source.startswith("random init"):
+    if not source or source.startswith("random init") or first.stage == BASE:
         return None
     return source if is_hub_id(source) else Path(source).name  # a local path says nothing on the Hub
 
@@ -137,10 +142,34 @@ def _data_name(name: str) -> str:
     return Path(name).name if Path(name).expanduser().exists() else name
 
 
+def base_of(rec: dict[str, Any]) -> Record | None:
+    """The base record at the head of the lineage, where the model started from a converted checkpoint."""
+    first = Record.parse(rec).lineage()[0]
+    return first if first.stage == BASE else None
+
+
+def base_text(base: Record | None) -> dict[str, Any] | None:
+    """What the card says under the lineage table about the base row: its source file and where each figure came
+    from."""
+    if base is None:
+        return None
+    info, gguf = base.extra.get("base") or {}, base.extra.get("gguf") or {}
+    return {
+        "name": info.get("name") or base.model.source,
+        "hub_id": info.get("hub_id"),
+        "file": gguf.get("file"),
+        "quantization": gguf.get("quantization"),
+        "sha256": (gguf.get("sha256") or "")[:12],
+        "sources": info.get("sources") or {},
+    }
+
+
 def stage_numbers(r: Record) -> dict[str, Any]:
-    """The numbers of one stage, as the record holds them."""
+    """The numbers of one stage, as the record holds them (`estimate`: published figures and a priced estimate, not
+    a run of ours)."""
     return {
         "stage": r.stage,
+        "estimate": bool(r.compute.extra.get("estimate")),
         "run_id": r.run_id,
         "data": ", ".join(_data_name(str(x["name"])) for x in r.data.datasets) or "n/a",
         "tokens": r.data.tokens_seen,
@@ -169,13 +198,14 @@ def lineage_numbers(rec: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str
 
 
 def _row(n: dict[str, Any]) -> dict[str, str]:
+    est = "~" if n.get("estimate") else ""  # an estimate from published figures, marked in the table
     return {
         "tokens": _si(n["tokens"]),
         "steps": "n/a" if n["steps"] is None else str(n["steps"]),
         "wall": _duration(n["wall_seconds"]),
-        "device_hours": _num(n["device_hours"]),
-        "flops": _si(n["flops"]),
-        "dollars": _money(n["dollars"]),
+        "device_hours": est + _num(n["device_hours"]),
+        "flops": est + _si(n["flops"]),
+        "dollars": est + _money(n["dollars"]),
     }
 
 
@@ -186,10 +216,15 @@ def lineage_rows(rec: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, s
 
 def _rows(stages: list[dict[str, Any]], total: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, str]]:
     rows = [
-        {"stage": s["stage"], "data": s["data"], "cutoff": s["knowledge_cutoff"] or "unknown", **_row(s)}
+        {
+            "stage": s["stage"] + (" (published, estimated)" if s.get("estimate") else ""),
+            "data": s["data"],
+            "cutoff": s["knowledge_cutoff"] or ("not published" if s.get("estimate") else "unknown"),
+            **_row(s),
+        }
         for s in stages
     ]
-    return rows, _row(total)
+    return rows, _row({**total, "estimate": any(s.get("estimate") for s in stages)})
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -429,6 +464,11 @@ def render(
     if base and cutoff.get("date"):
         note = f"; the starting model '{base}' has no hfrecipes record, so this date is only a lower bound"
         cutoff = {**cutoff, "detail": cutoff.get("detail", "") + note}
+    head = base_of(rec)
+    if head is not None and cutoff.get("stage") != BASE and not (head.data.knowledge_cutoff or {}).get("date"):
+        name = (head.extra.get("base") or {}).get("name") or "the base model"
+        note = f"; {name} publishes no cutoff of its own, so this date is only a lower bound"
+        cutoff = {**cutoff, "detail": (cutoff.get("detail") or "") + note}
 
     inference = rec.get("inference") or {}
     kv = kv_block(rec)
@@ -473,6 +513,7 @@ def render(
         stage=last["stage"],
         cutoff=cutoff,
         base=base,
+        base_row=base_text(head),
         lineage=rows,
         total=total_row,
         params=params,

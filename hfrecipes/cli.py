@@ -6,6 +6,7 @@ hfrecipes pretrain --config tiny/pretrain --max_steps 50
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 hfrecipes serve runs/tiny/export --port 8000
+hfrecipes convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2-135m
 hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft
 hfrecipes accelerate-config zero3
 """
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload/vLLM check")
     exp.add_argument("--no-vllm", dest="vllm", action="store_false", default=None, help="skip the vLLM check")
     exp.add_argument("--trust_remote_code", action="store_true")
+    conv = sub.add_parser("convert", help="dequantize a GGUF file once into a model folder stages start from")
+    conv.add_argument("gguf", metavar="FILE", help="a .gguf file")
+    conv.add_argument("out_dir", help="the folder to write (refused if it holds files, unless --force)")
+    conv.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    conv.add_argument("--base", help="YAML of the base model's published figures (default: the bundled table)")
+    conv.add_argument("--force", action="store_true", help="replace an existing folder")
     gen = sub.add_parser("generate", help="batched generation (vLLM when installed, else transformers)")
     gen.add_argument("model_dir")
     gen.add_argument("--prompts", required=True, help="jsonl: rows with 'prompt' (text or messages) or 'messages'")
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_recipes()))
             return 0
-        if args.command in ("check", "export", "generate", "cost", "push", "lifecycle", "serve") and rest:
+        if args.command in ("check", "export", "convert", "generate", "cost", "push", "lifecycle", "serve") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
         if args.command in ("generate", "cost"):
             from hfrecipes.recipe import check_finite
@@ -278,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             verified = result.record["export"].get("verify", {})
             print(f"exported {args.stage_dir} -> {result.output_dir}; verify: {json.dumps(verified)}")
+            return 0
+        if args.command == "convert":
+            from hfrecipes.api import convert
+
+            result = convert(args.gguf, args.out_dir, dtype=args.dtype, base=args.base, force=args.force)
+            base = result.record["base"]
+            print(
+                f"converted {args.gguf} ({result.record['gguf']['quantization']}, sha256 "
+                f"{result.record['gguf']['sha256'][:12]}) -> {result.output_dir}; base model {base['name']}"
+            )
             return 0
         if args.command == "generate":
             from hfrecipes.api import generate

