@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -12,6 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+# The longest files run first, so the two workers finish together instead of one waiting on a long file picked
+# last (pytest-xdist's `--dist loadfile` hands out files in collection order).
+LONGEST_FIRST = ("test_ladder.py", "test_real_rl.py", "test_real_model.py", "test_reward.py", "test_ppo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -88,3 +98,36 @@ def lm_head_kind(model) -> str:
     or "trl" (TRL's fused head). Both wrappers copy the model's own forward's name, so the code is compared."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits" if model.forward.__code__.co_filename.endswith("stages/common.py") else "trl"
+
+
+# ------------------------------------------------------------------------------------------ the real model tier
+
+# SmolLM2-135M-Instruct as the GGUF `scripts/setup.sh` fetches. Its tests are marked `realmodel`
+# (`pytest -m realmodel` runs them alone); they skip where set-up did not fetch the file, unless CI requires them.
+SMOLLM2_GGUF = Path(__file__).resolve().parents[1] / ".venv" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REQUIRE_REAL_MODEL = os.environ.get("HFRECIPES_REQUIRE_REAL_MODEL") == "1"
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory, worker_id):
+    """A conversion cache shared by the test workers: the GGUF is dequantized once per session, under a lock, and
+    every stage given the `.gguf` path starts from that folder (`hfrecipes.converting.resolve_gguf`)."""
+    if not SMOLLM2_GGUF.is_file():
+        if REQUIRE_REAL_MODEL:
+            pytest.fail(f"{SMOLLM2_GGUF} is missing: scripts/setup.sh fetches it")
+        pytest.skip("the SmolLM2 GGUF is not fetched (scripts/setup.sh)")
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if worker_id != "master" else root) / "hfrecipes-cache"
+    shared.mkdir(exist_ok=True)
+    return shared
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache):
+    """The converted SmolLM2-135M-Instruct folder (safetensors, tokenizer, base record); sets HFRECIPES_CACHE for
+    the session so a stage given the GGUF path finds the same conversion."""
+    from hfrecipes import converting
+    from hfrecipes.modeling import ModelConfig
+
+    os.environ[converting.CACHE_ENV] = str(smollm2_cache)
+    return converting.resolve_gguf(ModelConfig(model_name_or_path=str(SMOLLM2_GGUF)))
