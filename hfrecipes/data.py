@@ -64,6 +64,10 @@ class ScriptArguments(trl.ScriptArguments):
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training examples (quick runs)."}
     )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate on only the first N held-out examples (a stage's own held-out evaluation)."},
+    )
     dataset_test_split: str | None = field(
         default="test",
         metadata={
@@ -393,6 +397,8 @@ def load_stage_data(args: ScriptArguments, stage: str, needs: list[list[str]]):
     test = load_split(args, args.dataset_test_split) if args.dataset_test_split else None
     if test is not None and len(test) > 0:
         check_columns(test, needs, stage, f"{args.dataset_name} ({args.dataset_test_split})")
+        if args.max_eval_samples is not None:
+            test = test.select(range(min(args.max_eval_samples, len(test))))
     else:
         test = None
     return train, test

@@ -256,6 +256,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "max_completion_length": (1, None, True, True),
     "block_size": (2, None, True, True),
     "max_train_samples": (1, None, True, True),
+    "max_eval_samples": (1, None, True, True),
     "tokenizer_vocab_size": (32, None, True, True),
 }
 

@@ -26,6 +26,7 @@ from hfrecipes.lifecycles.spec import EXPORT, SCORED_STAGES, Lifecycle, StageSpe
 
 logger = logging.getLogger(__name__)
 
+START = "start"  # the summary's row of the model the first stage started from
 STATE = "lifecycle.json"  # cached held-out evaluations, by stage id and run id
 
 
@@ -88,23 +89,40 @@ class LifecycleRun:
         """Held-out task accuracy of a causal-LM stage's folder (adapters merged in memory), cached by run id."""
         if spec.stage not in SCORED_STAGES or not self.life.evaluation.dataset_name:
             return {}
-        cached = self.state["evaluations"].get(spec.id)
-        if cached and cached.get("run_id") == rec["run_id"]:
+        return self._score(spec.id, self.life.root / spec.id, rec["run_id"])
+
+    def start(self) -> dict[str, Any] | None:
+        """The pretrained model the first stage started from, scored like a stage: the ladder's first rung, so
+        every stage's gain is measured from it. None for a lifecycle that starts from random weights."""
+        first = self.life.stages[0]
+        rec = records.read_record(self.life.root / first.id) or {}
+        source = Path((rec.get("model") or {}).get("source") or "")
+        if first.stage not in SCORED_STAGES or first.stage == "pretrain" or not self.life.evaluation.dataset_name:
+            return None
+        if not (source / "config.json").is_file():
+            return None
+        parent = rec.get("parent") or records.new_record("start", {}, None) | {"status": "complete"}
+        evaluation = self._score(START, source, parent["run_id"])
+        return {**summaries.row(START, parent["stage"], parent, evaluation), "source": str(source)}
+
+    def _score(self, key: str, folder: Path, run_id: str) -> dict[str, Any]:
+        cached = self.state["evaluations"].get(key)
+        if cached and cached.get("run_id") == run_id:
             return cached
         from hfrecipes.evaluation import heldout_accuracy
         from hfrecipes.modeling import load_merged
 
         ev = self.life.evaluation
         rows = _eval_rows(self.life, ev.samples)
-        model, tok = load_merged(self.life.root / spec.id)
+        model, tok = load_merged(folder)
         tok.padding_side = "left"
         scored = heldout_accuracy(
             model, tok, rows[ev.prompt_column], rows[ev.answer_column], ev.metric, ev.max_new_tokens
         )
-        result = {**{k: scored[k] for k in ("accuracy", "correct", "total", "metric")}, "run_id": rec["run_id"]}
-        self.state["evaluations"][spec.id] = result
+        result = {**{k: scored[k] for k in ("accuracy", "correct", "total", "metric")}, "run_id": run_id}
+        self.state["evaluations"][key] = result
         records.atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
-        logger.info("[%s] %s: held-out accuracy %.1f%%", self.life.name, spec.id, 100 * result["accuracy"])
+        logger.info("[%s] %s: held-out accuracy %.1f%%", self.life.name, key, 100 * result["accuracy"])
         return result
 
     # ---------------------------------------------------------------------------------------------- control
@@ -205,6 +223,7 @@ def run(
         rec = this.stage(spec)
         rows[spec.id] = summaries.row(spec.id, spec.stage, rec, this.evaluate(spec, rec))
 
+    start = this.start()
     control = this.control(rows) if life.control else None
 
     exported, inference = None, None
@@ -214,7 +233,14 @@ def run(
             inference = this.inference(stale)
 
     summary = summaries.build(
-        life, list(rows.values()), control, exported, inference, sorted(this.rerun), time.perf_counter() - started
+        life,
+        list(rows.values()),
+        control,
+        exported,
+        inference,
+        sorted(this.rerun),
+        time.perf_counter() - started,
+        start=start,
     )
     summaries.write(life.root, summary)
     logger.info("[%s] summary: %s", life.name, life.root / "summary.md")

@@ -52,6 +52,7 @@ def build(
     inference: dict[str, Any] | None,
     ran: list[str],
     wall_seconds: float,
+    start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary as JSON: the stages' rows, the control's row, export, inference and the stages' total (None
     where no stage recorded a number, as the card sums its lineage)."""
@@ -64,6 +65,7 @@ def build(
         "recipe": life.source,
         "run_dir": str(life.root),
         "metric": life.evaluation.metric if life.evaluation.dataset_name else None,
+        "start": start,
         "stages": rows,
         "control": control,
         "export": exported,
@@ -116,7 +118,8 @@ def _chart(summary: dict[str, Any]) -> bytes | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows = summary["stages"] + ([summary["control"]] if summary["control"] else [])
+    rows = [summary["start"]] if summary.get("start") else []
+    rows += summary["stages"] + ([summary["control"]] if summary["control"] else [])
     rows = [r for r in rows if r["heldout_accuracy"] is not None]
     if not rows:
         return None
