@@ -46,27 +46,56 @@ TWO_CPU_PROCESSES = [
 
 
 @pytest.fixture(scope="session")
-def tiny_pretrained(tmp_path_factory):
-    """The tiny model pretrained for 80 steps (~20 s): the parent of later-stage tests."""
-    import hfrecipes
+def shared_dir(tmp_path_factory, worker_id):
+    """A folder both test workers see (the session's base folder above each worker's own)."""
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if worker_id != "master" else root) / "shared"
+    shared.mkdir(exist_ok=True)
+    return shared
 
-    out = tmp_path_factory.mktemp("stages") / "pretrain"
-    return hfrecipes.pretrain("tiny/pretrain", max_steps=80, output_dir=str(out), logging_steps=10, save_steps=40)
+
+def built_once(folder: Path, build):
+    """The finished stage folder `build(folder)` writes, built by whichever worker comes first (under a lock) and
+    read by the other: the fixtures below are read-only parents."""
+    from filelock import FileLock
+
+    from hfrecipes.record import is_complete, read_record
+    from hfrecipes.runner import StageResult
+
+    with FileLock(str(folder) + ".lock"):
+        if not is_complete(folder):
+            return build(folder)
+    return StageResult(folder, read_record(folder))
 
 
 @pytest.fixture(scope="session")
-def tiny_sft(tiny_pretrained, tmp_path_factory):
+def tiny_pretrained(shared_dir):
+    """The tiny model pretrained for 80 steps (~20 s): the parent of later-stage tests."""
+    import hfrecipes
+
+    return built_once(
+        shared_dir / "pretrain",
+        lambda out: hfrecipes.pretrain(
+            "tiny/pretrain", max_steps=80, output_dir=str(out), logging_steps=10, save_steps=40
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained, shared_dir):
     """Full SFT of the tiny pretrained model on the addition conversations: the parent of reward and DPO tests."""
     import hfrecipes
 
-    out = tmp_path_factory.mktemp("stages") / "sft"
-    return hfrecipes.sft(
-        "tiny/sft",
-        model_name_or_path=str(tiny_pretrained.output_dir),
-        output_dir=str(out),
-        max_steps=SFT_STEPS,
-        logging_steps=10,
-        save_strategy="no",
+    return built_once(
+        shared_dir / "sft",
+        lambda out: hfrecipes.sft(
+            "tiny/sft",
+            model_name_or_path=str(tiny_pretrained.output_dir),
+            output_dir=str(out),
+            max_steps=SFT_STEPS,
+            logging_steps=10,
+            save_strategy="no",
+        ),
     )
 
 
@@ -109,17 +138,16 @@ REQUIRE_REAL_MODEL = os.environ.get("HFRECIPES_REQUIRE_REAL_MODEL") == "1"
 
 
 @pytest.fixture(scope="session")
-def smollm2_cache(tmp_path_factory, worker_id):
+def smollm2_cache(shared_dir):
     """A conversion cache shared by the test workers: the GGUF is dequantized once per session, under a lock, and
     every stage given the `.gguf` path starts from that folder (`hfrecipes.converting.resolve_gguf`)."""
     if not SMOLLM2_GGUF.is_file():
         if REQUIRE_REAL_MODEL:
             pytest.fail(f"{SMOLLM2_GGUF} is missing: scripts/setup.sh fetches it")
         pytest.skip("the SmolLM2 GGUF is not fetched (scripts/setup.sh)")
-    root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if worker_id != "master" else root) / "hfrecipes-cache"
-    shared.mkdir(exist_ok=True)
-    return shared
+    cache = shared_dir / "hfrecipes-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture(scope="session")
