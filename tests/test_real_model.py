@@ -206,6 +206,14 @@ def test_a_gguf_transformers_cannot_dequantize_is_refused_with_nothing_written(t
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_a_gguf_cut_short_is_refused_before_anything_loads(smollm2, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(SMOLLM2_GGUF.read_bytes()[: 4 << 20])
+    with pytest.raises(UsageError, match=r"cut\.gguf is not a readable GGUF file.*cut short"):
+        hfrecipes.convert(cut, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_a_folder_that_holds_files(smollm2, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
