@@ -37,16 +37,13 @@ FAST = dict(
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_pretrained, tmp_path_factory):
-    """A weak tiny SFT model (it has not passed its accuracy transition) and a reward model trained on top."""
+def chain(tiny_sft, tmp_path_factory):
+    """A weak tiny SFT model (120 steps: it has not passed its accuracy transition) and a reward model on top."""
     root = tmp_path_factory.mktemp("ppo-chain")
-    sft = hfrecipes.sft(
-        "tiny/sft", model_name_or_path=str(tiny_pretrained.output_dir), max_steps=120, output_dir=str(root / "sft")
-    )
     reward = hfrecipes.reward(
-        "tiny/reward", model_name_or_path=str(sft.output_dir), max_steps=100, output_dir=str(root / "reward")
+        "tiny/reward", model_name_or_path=str(tiny_sft.output_dir), max_steps=100, output_dir=str(root / "reward")
     )
-    return {"sft": str(sft.output_dir), "reward": str(reward.output_dir), "root": root}
+    return {"sft": str(tiny_sft.output_dir), "reward": str(reward.output_dir), "root": root}
 
 
 def _ppo(chain, out, **overrides):
