@@ -124,15 +124,12 @@ def training_lineage(rec: dict[str, Any]) -> list[Record]:
     return [r for r in chain if r.stage != EXPORT] or chain[-1:]
 
 
-BASE = "base"  # a converted checkpoint's record: the base model's own pretraining, as published (hfrecipes.converting)
-
-
-def first_base(rec: dict[str, Any]) -> str | None:
-    """The model the lineage started from when it did not start from random weights and has no record of its own
-    past, e.g. a Hub checkpoint (a converted GGUF's base record puts that past in the lineage instead)."""
-    first = Record.parse(rec).lineage()[0]
+def first_base(first: Record) -> str | None:
+    """The model the lineage (whose first record is `first`) started from when it did not start from random weights
+    and has no record of its own past, e.g. a Hub checkpoint (a converted GGUF's base record puts that past in the
+    lineage instead)."""
     source = first.model.source or ""
-    if not source or source.startswith("random init") or first.stage == BASE:
+    if not source or source.startswith("random init") or first.stage == records.BASE:
         return None
     return source if is_hub_id(source) else Path(source).name  # a local path says nothing on the Hub
 
@@ -140,12 +137,6 @@ def first_base(rec: dict[str, Any]) -> str | None:
 def _data_name(name: str) -> str:
     """A Hub id or bundled name as it is; a local file by its file name (its folder means nothing to a reader)."""
     return Path(name).name if Path(name).expanduser().exists() else name
-
-
-def base_of(rec: dict[str, Any]) -> Record | None:
-    """The base record at the head of the lineage, where the model started from a converted checkpoint."""
-    first = Record.parse(rec).lineage()[0]
-    return first if first.stage == BASE else None
 
 
 def base_text(base: Record | None) -> dict[str, Any] | None:
@@ -449,7 +440,7 @@ def render(
     import yaml
     from huggingface_hub import ModelCard
 
-    Record.parse(rec)  # a damaged record is one clear error, not a template traceback
+    first = Record.parse(rec).lineage()[0]  # a damaged record is one clear error, not a template traceback
     stages, total = lineage_numbers(rec)
     rows, total_row = _rows(stages, total)
     last = trained(rec)
@@ -460,12 +451,12 @@ def render(
     exported = rec.get("export") if rec["stage"] == EXPORT else None
 
     cutoff = data.get("model_cutoff") or {"date": None, "source": "unknown", "detail": "not recorded"}
-    base = first_base(rec)
+    base = first_base(first)
     if base and cutoff.get("date"):
         note = f"; the starting model '{base}' has no hfrecipes record, so this date is only a lower bound"
         cutoff = {**cutoff, "detail": cutoff.get("detail", "") + note}
-    head = base_of(rec)
-    if head is not None and cutoff.get("stage") != BASE and not (head.data.knowledge_cutoff or {}).get("date"):
+    head = first if first.stage == records.BASE else None  # the base model's own record, from a converted GGUF
+    if head is not None and cutoff.get("stage") != records.BASE and not (head.data.knowledge_cutoff or {}).get("date"):
         name = (head.extra.get("base") or {}).get("name") or "the base model"
         note = f"; {name} publishes no cutoff of its own, so this date is only a lower bound"
         cutoff = {**cutoff, "detail": (cutoff.get("detail") or "") + note}

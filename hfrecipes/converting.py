@@ -26,7 +26,6 @@ from hfrecipes.modeling import check_gguf
 
 logger = logging.getLogger(__name__)
 
-BASE = "base"  # the record of a converted checkpoint: it trained nothing here, it describes the model's own past
 CACHE_ENV = "HFRECIPES_CACHE"
 
 
@@ -172,13 +171,10 @@ def convert(
     meta = check_convertible(file, "gguf file")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16.")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise UsageError(
-            f"output folder '{out_dir}' exists and holds files. Choose a new folder, or pass --force to replace it."
-        )
-    facts = find_base(meta, read_bases(base))
-    if base and facts is None:
-        facts = read_bases(base)[0]  # a file given by hand describes this model even where `match` is absent
+    record.check_new_folder(out_dir, force, "output folder")
+    bases = read_bases(base)
+    # a file given by hand describes this model even where its `match` is absent
+    facts = find_base(meta, bases) or (bases[0] if base else None)
     digest = sha256(file)
 
     from hfrecipes import card
@@ -226,7 +222,7 @@ def base_record(model, file: Path, digest: str, meta: dict[str, Any], facts: Bas
     FLOPs are 6·N·D from the counted parameters and the published tokens; device-hours, dollars and energy price those
     FLOPs on the reference GPU at the default MFU (`costs.REFERENCE_DEVICE`, `costs.DEFAULT_MFU`), since the makers'
     own bill is not published."""
-    rec = record.new_record(BASE, {"values": {"gguf_file": file.name}}, None)
+    rec = record.new_record(record.BASE, {"values": {"gguf_file": file.name}}, None)
     rec["model"] = record.model_summary(model, f"{file.name} (GGUF, {meta.get('quantization')})", dtype)
     n = rec["model"]["params_total"]
     tokens = facts.pretraining_tokens if facts else None
@@ -247,7 +243,7 @@ def base_record(model, file: Path, digest: str, meta: dict[str, Any], facts: Bas
         "tokens_seen": int(tokens) if tokens else None,
         "epochs": None,
         "knowledge_cutoff": cutoff,
-        "model_cutoff": {**cutoff, "stage": BASE} if cutoff else None,
+        "model_cutoff": {**cutoff, "stage": record.BASE} if cutoff else None,
     }
     ref = costs.DEVICES[costs.REFERENCE_DEVICE]
     compute: dict[str, Any] = {"estimate": True}

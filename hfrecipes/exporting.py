@@ -29,15 +29,6 @@ VERIFY_PROMPTS = [
 ] + ["One sunny day, Mia went to the", "We count: 3, 4, 5,", "The sum of 20 and 22 is", "Tom saw a small"]
 
 
-def check_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"export folder '{out_dir}' is a file. Choose a folder.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise UsageError(
-            f"export folder '{out_dir}' exists and holds files. Choose a new folder, or pass --force to replace it."
-        )
-
-
 def generation_settings(tok, model) -> dict[str, Any]:
     """EOS = the tokenizer's EOS plus the chat template's end-of-turn token; pad = the tokenizer's pad."""
     eos = []
@@ -97,7 +88,7 @@ def export(
     if dtype not in DTYPES:
         raise UsageError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
     check_stage_dir(stage_dir)
-    check_out_dir(out_dir, force)
+    record.check_new_folder(out_dir, force, "export folder")
     if out_dir.resolve() == stage_dir.resolve():
         raise UsageError("export folder and stage folder are the same; choose another export folder.")
     parent = record.read_record(stage_dir)

@@ -155,13 +155,14 @@ def init_model(config, seed: int):
 
 def converted_from(folder: str | Path) -> str:
     """' (converted from FILE.gguf)' for a folder `hfrecipes convert` wrote, so a message names the file the user
-    gave; '' for any other folder."""
-    path = Path(folder).expanduser() / "record.json"
+    gave; '' for any other folder (a damaged record there is left to the stage's own checks)."""
+    from hfrecipes.record import BASE, load_record
+
     try:
-        rec = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
+        rec = load_record(Path(folder).expanduser())
+    except UsageError:
         return ""
-    gguf = rec.get("gguf") if isinstance(rec, dict) and rec.get("stage") == "base" else None
+    gguf = rec.extra.get("gguf") if rec is not None and rec.stage == BASE else None
     return f" (converted from {gguf['file']})" if isinstance(gguf, dict) and gguf.get("file") else ""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from hfrecipes.errors import NonFiniteLoss, UsageError
 
 RECORD = "record.json"
+BASE = "base"  # a converted checkpoint's record: it trained nothing here, it describes the model's own past
 MARKER = ".hfrecipes-run.json"
 SCHEMA_VERSION = 2  # 2: metrics.heldout, one block for the stage's own held-out evaluation
 
@@ -227,6 +228,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_new_folder(out_dir: Path, force: bool, what: str) -> None:
+    """A folder about to be written whole (`staged_folder`) must be new or empty, unless `force` replaces it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{what} '{out_dir}' is a file. Choose a folder.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise UsageError(
+            f"{what} '{out_dir}' exists and holds files. Choose a new folder, or pass --force to replace it."
+        )
 
 
 @contextmanager
