@@ -197,10 +197,34 @@ def _launch(name: str, rest: list[str]) -> int:
             f"launch runs a stage after '--' (hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft): one "
             f"of {', '.join(STAGES)}; got {command[0] if command else 'nothing'}."
         )
+    _check_launch(config, flags)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *flags]
     cmd += ["-m", "hfrecipes", *command]
     print(" ".join(cmd), file=sys.stderr)
     return subprocess.run(cmd).returncode
+
+
+def _check_launch(config: Path, flags: list[str]) -> None:
+    """The launch against this machine before any process starts: DeepSpeed installed for a ZeRO config, and no more
+    processes per machine than it has GPUs (or CPU cores, without one)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from hfrecipes import engines
+
+    loaded = load_config_from_file(str(config))
+
+    def value(flag: str, default: int) -> int:
+        for i, f in enumerate(flags):
+            given = flags[i + 1] if f == flag and i + 1 < len(flags) else f.partition("=")[2]
+            if (f == flag or f.startswith(flag + "=")) and given.isdigit():
+                return int(given)
+        return default
+
+    if loaded.distributed_type.value == "DEEPSPEED" and not engines.deepspeed_installed():
+        raise engines.deepspeed_missing(str(config))
+    processes = value("--num_processes", loaded.num_processes or 1)
+    machines = value("--num_machines", loaded.num_machines or 1)
+    engines.check_processes(-(-processes // max(1, machines)), f"{config} with {processes} process(es)")
 
 
 def _cost(args: argparse.Namespace) -> None:

@@ -113,6 +113,7 @@ class ComputeBlock:
     flops_trainer: float | None = _number()
     wall_seconds: float | None = _number()
     device: dict[str, Any] | None = None
+    distributed: dict[str, Any] | None = None
     device_hours: float | None = _number()
     tokens_per_second: float | None = _number()
     cost_device: str | None = None
@@ -389,6 +390,41 @@ def device_info(world_size: int) -> dict[str, Any]:
     return {"kind": kind, "name": name, "count": world_size, "torch_threads": torch.get_num_threads()}
 
 
+ENGINE_LABELS = {"single": "one process", "ddp": "DDP", "fsdp2": "FSDP2", "zero2": "DeepSpeed ZeRO-2",
+                 "zero3": "DeepSpeed ZeRO-3"}  # fmt: skip
+
+
+def engine_info(accelerator) -> dict[str, Any]:
+    """How a stage ran: engine (single, ddp, fsdp1/fsdp2, zero0-zero3), processes, machines, backend and the ZeRO
+    offload devices. Machines are the launcher's process groups (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE)."""
+    import os
+
+    state = accelerator.state
+    world = int(state.num_processes)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    ds = state.deepspeed_plugin
+    fsdp = getattr(state, "fsdp_plugin", None) if str(state.distributed_type).endswith("FSDP") else None
+    out: dict[str, Any] = {}
+    if ds is not None:
+        engine = f"zero{ds.zero_stage}"
+        zero = ds.deepspeed_config.get("zero_optimization", {})
+        out["offload_optimizer"] = (zero.get("offload_optimizer") or {}).get("device", "none")
+        out["offload_param"] = (zero.get("offload_param") or {}).get("device", "none")
+    elif fsdp is not None:
+        engine = f"fsdp{fsdp.fsdp_version}"
+    else:
+        engine = "ddp" if world > 1 else "single"
+    return {
+        "engine": engine,
+        "label": ENGINE_LABELS.get(engine, engine),
+        "world_size": world,
+        "machines": max(1, world // max(1, local)),
+        "processes_per_machine": local,
+        "backend": getattr(state, "backend", None),
+        **out,
+    }
+
+
 def new_record(stage: str, recipe: dict[str, Any], parent: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -407,10 +443,20 @@ def new_record(stage: str, recipe: dict[str, Any], parent: dict[str, Any] | None
     }
 
 
+def _numel(p) -> int:
+    # a ZeRO-3 partitioned parameter is an empty placeholder; `ds_numel` is its whole size
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """Parameters of `model`, whole even where ZeRO-3 holds only a partition on this process."""
+    return sum(_numel(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def model_summary(model, source: str, dtype: str | None = None) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    embedding = model.get_input_embeddings().weight.numel() if hasattr(model, "get_input_embeddings") else 0
+    total = parameter_count(model)
+    trainable = parameter_count(model, trainable_only=True)
+    embedding = _numel(model.get_input_embeddings().weight) if hasattr(model, "get_input_embeddings") else 0
     return {
         "architecture": type(model).__name__,
         "model_type": getattr(model.config, "model_type", None),
@@ -432,6 +478,7 @@ def compute_summary(
     *,
     script_args: Any = None,
     measured_co2_kg: float | None = None,
+    distributed: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings), then
     price, dollars, energy, CO2 and MFU from `costs.py` (the recipe's overrides in `script_args`, else the table's).
@@ -445,6 +492,7 @@ def compute_summary(
         "flops_trainer": float(trainer_flos),
         "wall_seconds": round(wall_seconds, 3),
         "device": device,
+        "distributed": distributed,
         "device_hours": hours,
         "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None,
         **stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg),

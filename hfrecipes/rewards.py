@@ -170,10 +170,13 @@ def reward_model_scorer(path: str, tokenizer=None, trust_remote_code: bool = Fal
 
     check_model_path(path, "reward_model_path")
     check_reward_model(path, trust_remote_code)
+    from hfrecipes.engines import every_process_loads
+
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
-        ).eval()
+        with every_process_loads():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, use_safetensors=True, trust_remote_code=trust_remote_code
+            ).eval()
     except (OSError, ValueError) as e:
         raise UsageError(f"reward_model_path '{path}' is not a sequence-classification checkpoint: {e}") from None
     rm_tok = tokenizer or AutoTokenizer.from_pretrained(path)
@@ -191,10 +194,11 @@ def reward_model_scorer(path: str, tokenizer=None, trust_remote_code: bool = Fal
             else:
                 texts.append(completion_text(p) + completion_text(c))
         batch = rm_tok(texts, return_tensors="pt", padding=True, truncation=True, add_special_tokens=False)
-        batch = batch.to(model.device)
+        scorer = reward_model.model
+        batch = batch.to(scorer.device)
         with torch.no_grad():
-            return model(**batch).logits[:, 0].float().tolist()
+            return scorer(**batch).logits[:, 0].float().tolist()
 
     reward_model.__name__ = "reward_model"
-    reward_model.model = model  # so a trainer can place it on its device
+    reward_model.model = model  # a trainer may replace it by the same model placed for its engine
     return reward_model

@@ -27,10 +27,13 @@ def parse_stage_args(stage: str, recipe: str | Path | None, cli_args: list[str] 
 
 def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None = None, **overrides) -> StageResult:
     """Run one stage from a recipe (a path or a bundled name) with keyword overrides of any recipe key."""
-    from hfrecipes import hub, modeling  # torch and TRL: loaded when a stage runs, not when the CLI starts
+    from hfrecipes import engines, hub, modeling  # torch and TRL: loaded when a stage runs, not when the CLI starts
 
+    engines.check_environment()
+    engines.fsdp_on_cpu()
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
     modeling.check_device(resolved["values"])
+    engines.check_options(next((a for a in args if hasattr(a, "load_in_4bit")), None), stage)
     _convert_gguf(stage, args)
     push_to = hub.take_over_push(*args)
     output_dir, rec = get_stage(stage).run(*args, recipe=resolved)

@@ -141,6 +141,7 @@ class StageRun:
             record.device_info(args.world_size),
             script_args=script_args,
             measured_co2_kg=self.co2_kg,
+            distributed=record.engine_info(trainer.accelerator),
         )
         rec["metrics"] = {
             "steps": steps,

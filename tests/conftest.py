@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 
 # The longest files run first, so the two workers finish together instead of one waiting on a long file picked
 # last (pytest-xdist's `--dist loadfile` hands out files in collection order).
-LONGEST_FIRST = ("test_ladder.py", "test_real_rl.py", "test_real_model.py", "test_reward.py", "test_ppo.py")
+LONGEST_FIRST = (
+    "test_ladder.py", "test_real_rl.py", "test_real_model.py", "test_scale.py", "test_reward.py", "test_ppo.py",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,12 +7,10 @@ import json
 import math
 import shutil
 import statistics
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TWO_CPU_PROCESSES
 
 import hfrecipes
 from hfrecipes import modeling, rewards
@@ -325,59 +323,3 @@ def test_bad_config_values_are_refused():
         hfrecipes.parse_stage_args("ppo", "tiny/ppo", temperature=0.0)
     with pytest.raises(UsageError, match="value_model"):
         hfrecipes.parse_stage_args("ppo", "tiny/ppo", value_model="shared")
-
-
-# ------------------------------------------------------------------------------------------------ two processes
-
-DRIVER = """
-import hashlib, json, sys
-import torch
-torch.set_num_threads(1)
-import hfrecipes
-from hfrecipes import modeling, rewards
-from hfrecipes.stages import ppo_trainer
-
-train = ppo_trainer.PPOTrainer.train
-def spy(self, *args, **kwargs):
-    result = train(self, *args, **kwargs)
-    h = hashlib.sha256()
-    for name, p in sorted(self.unwrapped.named_parameters()):
-        h.update(name.encode()); h.update(p.detach().cpu().numpy().tobytes())
-    out = sys.argv[1] + f".rank{self.args.process_index}"
-    open(out, "w").write(h.hexdigest())
-    return result
-ppo_trainer.PPOTrainer.train = spy
-hfrecipes.ppo("tiny/ppo", **json.loads(sys.argv[2]))
-"""
-
-
-@pytest.mark.slow
-def test_two_processes_keep_identical_weights(chain, tmp_path):
-    import os
-
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER)
-    out = tmp_path / "ddp"
-    kw = {
-        **FAST,
-        "model_name_or_path": chain["sft"],
-        "reward_model_path": chain["reward"],
-        "output_dir": str(out),
-        "max_steps": 2,
-        "per_device_train_batch_size": 8,
-        "heldout_max_prompts": 8,
-    }
-    cmd = [
-        *TWO_CPU_PROCESSES,
-        str(driver),
-        str(tmp_path / "sum"),
-        json.dumps(kw),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(hfrecipes.__file__).parents[1])}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stderr[-4000:]
-    sums = [(tmp_path / f"sum.rank{i}").read_text() for i in (0, 1)]
-    assert sums[0] == sums[1]
-    rec = json.loads((out / "record.json").read_text())
-    assert rec["compute"]["device"]["count"] == 2
-    assert rec["metrics"]["rollout_batch_size"] == 2 * 8 * 2

@@ -176,6 +176,8 @@ def test_accelerate_launch_two_processes(tmp_path):
         str(out),
         "--dataset_test_split",
         "",
+        "--max_train_samples",  # the tokenizer trains on these documents only
+        "512",
     ]
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-4000:]

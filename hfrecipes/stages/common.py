@@ -7,9 +7,10 @@ the MRO, so they replace TRL's. The one trainer change is the LM head sft, dpo a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
-from hfrecipes import modeling
+from hfrecipes import engines, modeling
 
 
 @dataclass
@@ -136,4 +137,41 @@ def logits_lm_heads(trainer, outputs: tuple[str, ...], temperature: float = 1.0,
     policy = trainer.model.get_base_model() if isinstance(trainer.model, PeftModel) else trainer.model
     use_logits_lm_head(policy, outputs, temperature, entropy_grad)
     if getattr(trainer, "ref_model", None) is not None:
-        use_logits_lm_head(trainer.ref_model, ("log_probs",), temperature)
+        # under DeepSpeed TRL has already wrapped the reference in an inference engine: patch the model inside
+        use_logits_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",), temperature)
+
+
+# ------------------------------------------------------------------------------------- sharded engines
+
+
+def frozen_for_engine(accelerator, model):
+    """A model that is only evaluated (a reference, a reward model), placed for the engine. Under ZeRO-3
+    `from_pretrained` already partitioned its weights (zero.Init), so it runs in an inference engine of its own, as TRL
+    does for its references; otherwise every process holds it whole."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    return model.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def whole_weights(model, trainer=None):
+    """`model` with its whole weights on this process, to generate held-out replies. Under ZeRO-3 every process
+    must enter together: before training (no `trainer`) the weights zero.Init partitioned are gathered; after it, the
+    engine's, through TRL's `unwrap_model_for_generation`. Other engines need nothing (FSDP gathers each layer in its
+    forward)."""
+    if engines.requested() != "zero3":
+        yield model if trainer is None else trainer.accelerator.unwrap_model(trainer.model)
+        return
+    if trainer is None:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield model
+        return
+    from trl.models import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
+        yield unwrapped

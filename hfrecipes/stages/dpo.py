@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trl
 
-from hfrecipes import card, data, modeling, record
+from hfrecipes import card, data, engines, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
@@ -83,7 +83,8 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     separate_reference = not model_args.use_peft and not training_args.precompute_ref_log_probs
-    ref_model = modeling.load_pretrained(model_args) if separate_reference else None
+    with engines.every_process_loads():
+        ref_model = modeling.load_pretrained(model_args) if separate_reference else None
 
     # Trainer.
     trainer = DPOTrainer(

@@ -14,13 +14,19 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, data, evaluation, inference, modeling, record, rewards
+from hfrecipes import card, data, engines, evaluation, inference, modeling, record, rewards
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
+from hfrecipes.stages.common import (
+    FineTuneDefaults,
+    LogitsHeadOption,
+    frozen_for_engine,
+    logits_lm_heads,
+    whole_weights,
+)
 
 STAGE = "grpo"
 
@@ -145,9 +151,14 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     # Held-out evaluation runs on the main process only (the others wait at their first collective), so ranks do
-    # not generate the same replies twice nor race to install the `evaluate` metric module.
+    # not generate the same replies twice; where the weights are sharded (ZeRO-3, FSDP) every forward needs every
+    # process, so all of them reply to the same prompts and the main one keeps the numbers.
     main = training_args.process_index == 0
-    before = heldout(model, tokenizer, test_raw, training_args) if training_args.eval_before and main else {}
+    evaluates = main or engines.requested() in engines.SHARDED
+    before = {}
+    if training_args.eval_before and evaluates:
+        with whole_weights(model) as whole:
+            before = heldout(whole, tokenizer, test_raw, training_args)
 
     # Trainer.
     trainer = GRPOTrainer(
@@ -159,11 +170,16 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
         peft_config=modeling.peft_config(model_args),
         callbacks=run.callbacks(),
     )
+    if training_args.reward_model_path:
+        funcs[-1].model = frozen_for_engine(trainer.accelerator, funcs[-1].model)
     run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
     result = run.train(trainer)
-    after = (
-        heldout(trainer.accelerator.unwrap_model(trainer.model), tokenizer, test_raw, training_args) if main else {}
-    )
+    after = {}
+    if evaluates:
+        with whole_weights(trainer.model, trainer) as whole:
+            after = heldout(whole, tokenizer, test_raw, training_args)
+    if not main:
+        before, after = {}, {}
 
     # Save: model (or adapter), tokenizer; record and card on the main process.
     trainer.save_model(str(training_args.output_dir))

@@ -26,10 +26,11 @@ from typing import Any, NamedTuple
 import torch
 import transformers
 
-from hfrecipes import card, modeling, record
+from hfrecipes import card, engines, modeling, record
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.stages import trainer_internals
+from hfrecipes.stages.common import frozen_for_engine
 
 VALUE_HEAD = "value_head.safetensors"
 VALUE_MODEL = "value_model"
@@ -272,13 +273,21 @@ def load_policy(args: transformers.TrainingArguments, model_args: ModelConfig):
     policy = modeling.load_pretrained(model_args)
     lora = modeling.peft_config(model_args)
     if lora is None:
-        reference = modeling.load_pretrained(model_args).eval().requires_grad_(False)
+        with engines.every_process_loads():
+            reference = modeling.load_pretrained(model_args).eval().requires_grad_(False)
         return policy, reference
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False):
         policy = prepare_model_for_kbit_training(policy, args.gradient_checkpointing)
     return get_peft_model(policy, lora), None
+
+
+def submodule_state(state: dict | None, name: str) -> dict | None:
+    """The entries of a gathered `PolicyAndValue` state dict under `name.`, without the prefix (None stays None)."""
+    if state is None:
+        return None
+    return {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
 
 
 def load_weights(model, folder: Path) -> None:
@@ -329,10 +338,10 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, callbacks=callbacks
         )
-        self.ref_model = ref_model.to(self.accelerator.device) if ref_model is not None else None
+        self.ref_model = frozen_for_engine(self.accelerator, ref_model) if ref_model is not None else None
         self.reward_scorer = reward_scorer
         if reward_scorer is not None:
-            reward_scorer.model.to(self.accelerator.device)
+            reward_scorer.model = frozen_for_engine(self.accelerator, reward_scorer.model)
         self.reward_funcs = reward_funcs
         names = (["reward_model"] if reward_scorer is not None else []) + [f.__name__ for f in reward_funcs]
         self.reward_names = names
@@ -348,6 +357,34 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model_wrapped)
+
+    @property
+    def zero3(self) -> bool:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """The policy and value model with whole weights on every process, for a rollout. Under ZeRO-3 the
+        partitions are gathered once and the engine's per-module fetch hooks lifted (as TRL's
+        `unwrap_model_for_generation` does), instead of a gather of every layer at every sampled token; before
+        training there is no engine yet and the weights zero.Init partitioned are gathered alone. Every process must
+        enter it together."""
+        if not self.zero3:
+            yield self.unwrapped
+            return
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        engine = self.model_wrapped if self.model_wrapped is not self.model else None
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
+            if engine is not None:
+                remove_hooks(engine)
+            try:
+                yield self.unwrapped
+            finally:
+                if engine is not None:
+                    add_hooks(engine)
 
     @contextlib.contextmanager
     def reference(self):
@@ -365,33 +402,43 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
 
         output_dir = Path(output_dir or self.args.output_dir)
         model = self.unwrapped
+        # ZeRO-3 holds a partition on each process: every process takes part in gathering the whole weights
+        # (`zero3_save_16bit_model: true` in the accelerate config), and the main process writes them
+        full = self.accelerator.get_state_dict(self.model_wrapped) if self.zero3 else None
         if self.args.should_save:
-            model.policy.save_pretrained(output_dir, safe_serialization=True)
+            model.policy.save_pretrained(
+                output_dir, state_dict=submodule_state(full, "policy"), safe_serialization=True
+            )
             self.processing_class.save_pretrained(output_dir)
             record.drop_pickles(output_dir)
             if _internal_call:
                 if model.critic is not None:
-                    model.critic.save_pretrained(output_dir / VALUE_MODEL, safe_serialization=True)
-                else:
-                    save_file(
-                        {k: v.contiguous() for k, v in model.value_head.state_dict().items()}, output_dir / VALUE_HEAD
+                    critic_state = submodule_state(full, "critic")
+                    model.critic.save_pretrained(
+                        output_dir / VALUE_MODEL, state_dict=critic_state, safe_serialization=True
                     )
+                else:
+                    head = submodule_state(full, "value_head") or model.value_head.state_dict()
+                    save_file({k: v.contiguous() for k, v in head.items()}, output_dir / VALUE_HEAD)
                 (output_dir / PPO_STATE).write_text(json.dumps({"kl_coef": self.kl_coef}) + "\n")
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, checkpoint: str) -> None:
-        """Policy, value model and KL coefficient from a checkpoint of this stage (before `prepare`)."""
+        """Policy, value model and KL coefficient from a checkpoint of this stage (before `prepare`). Under DeepSpeed
+        the weights come back with the engine's own checkpoint (`trainer_internals.begin_training`)."""
         from safetensors.torch import load_file
 
         ckpt = Path(checkpoint)
+        if (ckpt / PPO_STATE).is_file():
+            self.kl_coef = json.loads((ckpt / PPO_STATE).read_text())["kl_coef"]
+        if self.is_deepspeed_enabled:
+            return
         model = self.model
         load_weights(model.policy, ckpt)
         if model.critic is not None:
             load_weights(model.critic, ckpt / VALUE_MODEL)
         else:
             model.value_head.load_state_dict(load_file(ckpt / VALUE_HEAD))
-        if (ckpt / PPO_STATE).is_file():
-            self.kl_coef = json.loads((ckpt / PPO_STATE).read_text())["kl_coef"]
 
     # -- sampling and scoring -------------------------------------------------------------------------------
 
@@ -541,7 +588,7 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
             self.load_checkpoint(resume_from_checkpoint)
         updates = max_steps * args.num_ppo_epochs * args.num_mini_batches
         start_step = trainer_internals.begin_training(self, updates, max_steps, resume_from_checkpoint)
-        self.policy_params = sum(p.numel() for p in self.unwrapped.policy.parameters())
+        self.policy_params = record.parameter_count(self.unwrapped.policy)
         self.num_tokens = self.state.log_history[-1].get("num_tokens", 0) if self.state.log_history else 0
         self.batches_per_epoch = len(self.prompt_batches(args.rollout_batch_size, 0))
         self.model_wrapped.train()
@@ -556,8 +603,9 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         """Replies to the rows' prompts, sampled (or greedy), with log-probabilities under policy and reference and
         the values, without gradients."""
         query, query_mask = self.encode_prompts([r["prompt"] for r in rows])
-        response, mask, ended = self.generate(query, query_mask, greedy=greedy)
-        logprobs, ref_logprobs, values = self.forward_rollout(query, query_mask, response, mask)
+        with self.gathered():
+            response, mask, ended = self.generate(query, query_mask, greedy=greedy)
+            logprobs, ref_logprobs, values = self.forward_rollout(query, query_mask, response, mask)
         return Rollout(query, query_mask, response, mask, ended, logprobs, ref_logprobs, values)
 
     def score(self, rows: list[dict[str, Any]], rollout: Rollout) -> Scores:
@@ -589,9 +637,7 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
                 mb_idx = order[mb * args.mini_batch_size : (mb + 1) * args.mini_batch_size]
                 micro = mb_idx.split(args.per_device_train_batch_size)
                 for k, idx in enumerate(micro):
-                    sync = k == len(micro) - 1
-                    ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
-                    with ctx:
+                    with trainer_internals.micro_batch(self, model, last=k == len(micro) - 1):
                         logits, new_values = model(input_ids[idx], attention[idx])
                         new_logprobs = token_logprobs(logits[:, q - 1 : -1], rollout.response[idx], args.temperature)
                         loss, s = ppo_losses(
@@ -606,7 +652,8 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
                             cliprange_value=args.cliprange_value,
                             vf_coef=args.vf_coef,
                         )
-                        self.accelerator.backward(loss / len(micro))
+                        # DeepSpeed divides by its own gradient_accumulation_steps (the micro-batch count)
+                        self.accelerator.backward(loss if self.is_deepspeed_enabled else loss / len(micro))
                     with torch.no_grad():
                         s["entropy"] = masked_mean(
                             entropy_from_logits(logits[:, q - 1 : -1], args.temperature), fmask[idx]
@@ -673,9 +720,10 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
 
     def heldout(self, test_raw) -> dict[str, Any]:
         """Greedy replies to held-out prompts: mean reward, answer accuracy (with an `answer` column), KL to the
-        reference and reply length. Runs on the main process; the others wait."""
+        reference and reply length. Every process replies to the same prompts (under ZeRO-3 each forward gathers
+        weights from all of them) and the main process returns the numbers."""
         out: dict[str, Any] = {}
-        if test_raw is not None and self.is_world_process_zero():
+        if test_raw is not None:
             if self.args.heldout_max_prompts:
                 test_raw = test_raw.select(range(min(len(test_raw), self.args.heldout_max_prompts)))
             rows = list(test_raw)
@@ -705,4 +753,4 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
                 {"prompt": str(r["prompt"]), "reply": t} for r, t in zip(rows[:3], texts[:3], strict=True)
             ]
         self.accelerator.wait_for_everyone()
-        return out
+        return out if self.is_world_process_zero() else {}

@@ -13,6 +13,7 @@ Delete a function here when transformers offers a public way to do what it does.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ from transformers.trainer_utils import TrainOutput
 
 # What the functions below call on a Trainer: method -> (positional arguments after self, keyword names, why).
 CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
-    "create_optimizer_and_scheduler": (0, ("num_training_steps",), "build the optimizer and schedule for N updates"),
+    "create_optimizer": (0, (), "build the optimizer over the trainable parameters"),
+    "create_scheduler": (0, ("num_training_steps", "optimizer"), "build the learning-rate schedule for N updates"),
     "_load_optimizer_and_scheduler": (1, (), "restore optimizer and scheduler from a checkpoint on resume"),
     "_load_rng_state": (1, (), "restore the RNG states of a checkpoint, so a resumed run samples the same replies"),
     "_save_checkpoint": (1, ("trial",), "write a checkpoint: model, optimizer, scheduler, RNG, state, rotation"),
@@ -39,7 +41,9 @@ ATTRIBUTES: dict[str, str] = {
     "control": "the callbacks' answer (should_log, should_save, should_training_stop)",
     "state": "step, epoch, log history and FLOPs, saved in every checkpoint",
     "current_flos": "the per-process FLOP counter `store_flos` adds up",
-    "model_wrapped": "the model as `accelerator.prepare` wrapped it (DDP); `_save_checkpoint` and unwrap read it",
+    "model_wrapped": "the model as `accelerator.prepare` wrapped it (DDP, a DeepSpeed engine); `_save_checkpoint` "
+    "and unwrap read it",
+    "is_deepspeed_enabled": "DeepSpeed accumulates, steps and resumes its engine itself",
 }
 EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_save", "on_train_end")  # (args, state, control)
 STATE_FIELDS = (
@@ -54,7 +58,11 @@ def begin_training(trainer: transformers.Trainer, num_updates: int, max_steps: i
     scheduler and RNG states); `on_train_begin`. Returns the step to start from.
 
     The model's own weights must be loaded before this (the optimizer is built on its parameters)."""
-    trainer.create_optimizer_and_scheduler(num_training_steps=num_updates)
+    trainer.create_optimizer()
+    # DeepSpeed drops parameter groups that hold no parameter (under LoRA nothing trainable is exempt from weight
+    # decay); a scheduler built on the groups it dropped would step a different number of groups than it has
+    trainer.optimizer.param_groups[:] = [g for g in trainer.optimizer.param_groups if g["params"]]
+    trainer.create_scheduler(num_training_steps=num_updates, optimizer=trainer.optimizer)
     trainer.model_wrapped, trainer.optimizer, trainer.lr_scheduler = trainer.accelerator.prepare(
         trainer.model, trainer.optimizer, trainer.lr_scheduler
     )
@@ -72,12 +80,36 @@ def begin_training(trainer: transformers.Trainer, num_updates: int, max_steps: i
     state.is_world_process_zero = trainer.is_world_process_zero()
     if resume_from:
         trainer.state = transformers.TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
+        if trainer.is_deepspeed_enabled:
+            # the engine's checkpoint holds weights (each process's partition) and optimizer state together, as
+            # Trainer's own loop restores them; `_load_optimizer_and_scheduler` then loads the scheduler alone
+            from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+            deepspeed_load_checkpoint(trainer.model_wrapped, resume_from)
         trainer._load_optimizer_and_scheduler(resume_from)
         trainer._load_rng_state(resume_from)
     start_step = trainer.state.global_step
     fire(trainer, "on_train_begin")
     trainer.current_flos = 0.0
     return start_step
+
+
+@contextlib.contextmanager
+def micro_batch(trainer: transformers.Trainer, model, last: bool):
+    """One micro-batch of gradient accumulation: gradients are synchronised (and DeepSpeed's engine steps) after the
+    last only. DDP skips its all-reduce under `no_sync`; DeepSpeed's engine steps inside `accelerator.backward`
+    whenever the accelerator's `sync_gradients` is set (ZeRO-2/3 refuse `no_sync`), and only Trainer's own loop,
+    through `accelerator.accumulate`, clears it."""
+    if not trainer.is_deepspeed_enabled:
+        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+            yield
+        return
+    state = trainer.accelerator.gradient_state
+    state._set_sync_gradients(last)
+    try:
+        yield
+    finally:
+        state._set_sync_gradients(True)
 
 
 def fire(trainer: transformers.Trainer, event: str) -> None:
@@ -156,6 +188,9 @@ def check(trainer: transformers.Trainer) -> list[str]:
     for f in STATE_FIELDS:
         if f not in fields:
             problems.append(f"transformers.TrainerState.{f}: field missing; hfrecipes' loop sets or reads it")
+    gradient_state = getattr(getattr(trainer, "accelerator", None), "gradient_state", None)
+    if gradient_state is not None and not callable(getattr(gradient_state, "_set_sync_gradients", None)):
+        problems.append("accelerate GradientState._set_sync_gradients: missing; hfrecipes' loop accumulates with it")
     control = getattr(trainer, "control", None)
     for f in CONTROL_FLAGS:
         if control is not None and not hasattr(control, f):
