@@ -1,6 +1,7 @@
 """Scale-out on one CPU: the accelerate configs load in accelerate and `hfrecipes launch` builds and checks the launch;
 every stage runs under DDP, DeepSpeed ZeRO-2 and ZeRO-3 with two gloo processes, FSDP2 shards for real, a ZeRO-3 PPO
-run killed with SIGKILL resumes from its DeepSpeed checkpoint, and two "machines" (two launchers on one box) train as one.
+run killed with SIGKILL resumes from its DeepSpeed checkpoint, and two "machines" (two launchers on one box) train as
+one.
 
 Each engine's stages run in one `accelerate launch` (tests/engine_driver.py), once per module, and are compared with
 the same stages in one process with the same global batch."""
