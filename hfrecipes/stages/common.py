@@ -144,12 +144,17 @@ def logits_lm_heads(trainer, outputs: tuple[str, ...], temperature: float = 1.0,
 # ------------------------------------------------------------------------------------- sharded engines
 
 
+def zero3(accelerator) -> bool:
+    """Whether `accelerator` runs DeepSpeed ZeRO-3 (weights partitioned across processes)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
+
+
 def frozen_for_engine(accelerator, model):
     """A model that is only evaluated (a reference, a reward model), placed for the engine. Under ZeRO-3
     `from_pretrained` already partitioned its weights (zero.Init), so it runs in an inference engine of its own, as TRL
     does for its references; otherwise every process holds it whole."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
+    if zero3(accelerator):
         from trl.models.utils import prepare_deepspeed
 
         return prepare_deepspeed(model, accelerator)

@@ -29,7 +29,7 @@ import transformers
 from hfrecipes import card, engines, modeling, record
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import common, trainer_internals
 from hfrecipes.stages.common import frozen_for_engine
 
 VALUE_HEAD = "value_head.safetensors"
@@ -360,8 +360,7 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
 
     @property
     def zero3(self) -> bool:
-        plugin = self.accelerator.state.deepspeed_plugin
-        return plugin is not None and plugin.zero_stage == 3
+        return common.zero3(self.accelerator)
 
     @contextlib.contextmanager
     def gathered(self):
