@@ -17,7 +17,7 @@ import trl
 from hfrecipes.errors import UsageError
 
 TINY_PREFIX = "tiny:"
-TINY_DATASETS = ("corpus", "sft", "preference", "prompts")
+TINY_DATASETS = ("corpus", "sft", "preference", "prompts", "facts")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 # The columns each stage reads: any one of the sets. Checked on the raw data, before any model is loaded.
 STAGE_COLUMNS: dict[str, list[list[str]]] = {
@@ -60,6 +60,13 @@ class ScriptArguments(trl.ScriptArguments):
     knowledge_cutoff: str | None = field(
         default=None,
         metadata={"help": "Declared knowledge cutoff (YYYY-MM-DD), used when the data carries no dates."},
+    )
+    dataset_max_date: str | None = field(
+        default=None,
+        metadata={
+            "help": "Drop training and test rows dated after this day (YYYY-MM-DD; by dataset_date_column) before "
+            "training, so the data stops there. Read by the pretrain stage; the record counts what was dropped."
+        },
     )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use only the first N training examples (quick runs)."}
@@ -115,6 +122,14 @@ class ScriptArguments(trl.ScriptArguments):
                     f"knowledge_cutoff must be a date YYYY-MM-DD, got {self.knowledge_cutoff!r}"
                 ) from None
             self.knowledge_cutoff = str(self.knowledge_cutoff)
+        if self.dataset_max_date is not None:
+            try:
+                dt.date.fromisoformat(str(self.dataset_max_date))
+            except ValueError:
+                raise ValueError(
+                    f"dataset_max_date must be a date YYYY-MM-DD, got {self.dataset_max_date!r}"
+                ) from None
+            self.dataset_max_date = str(self.dataset_max_date)
         if self.cost_device is not None:
             from hfrecipes.costs import DEVICES, device_key
 
@@ -139,18 +154,22 @@ def tiny_rows(name: str, split: str, seed: int = 0) -> list[dict[str, Any]]:
             + ", ".join(TINY_PREFIX + n for n in TINY_DATASETS)
             + "."
         )
-    if split not in ("train", "test"):
-        raise UsageError(f"dataset split '{split}' of 'tiny:{name}' does not exist; use 'train' or 'test'.")
+    splits_of = {"corpus": ("train", "test"), "facts": ("test",)}.get(name, ("train", "validation", "test"))
+    if split not in splits_of:
+        raise UsageError(f"dataset split '{split}' of 'tiny:{name}' does not exist; use one of {list(splits_of)}.")
+    if name == "facts":  # the knowledge probe of the corpus' dated world: evaluation only
+        return corpus.fact_rows(seed)
     if name == "corpus":
         docs = corpus.documents(seed=seed)
         n_test = len(docs) // 50
         return docs[n_test:] if split == "train" else docs[:n_test]
     splits = task.split_pairs(seed)
-    if name == "sft":
-        return task.sft_rows(splits["sft"] if split == "train" else splits["heldout"])
+    pairs = {"train": splits["sft"], "validation": splits["validation"], "test": splits["heldout"]}[split]
+    if name == "sft":  # only the training demonstrations carry the annotators' flaw; held-out replies are right
+        return task.sft_rows(pairs, annotated=split == "train")
     if name == "preference":
-        return task.preference_rows(splits["sft"] if split == "train" else splits["heldout"], seed)
-    return task.prompt_rows(splits["rl"] if split == "train" else splits["heldout"])
+        return task.preference_rows(pairs, seed)
+    return task.prompt_rows(splits["rl"] if split == "train" else pairs)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -634,7 +653,8 @@ def fingerprint(ds) -> str | None:
 # --------------------------------------------------------------------------------------------- knowledge cutoff
 
 
-def _as_date(value) -> dt.date | None:
+def as_date(value) -> dt.date | None:
+    """A date from an ISO string (a time and zone allowed), a date or datetime, or a Unix timestamp; else None."""
     if value is None:
         return None
     if isinstance(value, dt.datetime):
@@ -649,8 +669,66 @@ def _as_date(value) -> dt.date | None:
         return None
 
 
-def knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | None) -> dict[str, Any]:
-    """The newest document date in the training data, or the recipe's declared date; and which of the two."""
+def drop_after(ds, date_column: str | None, max_date: str, name: str, declared: str | None = None):
+    """`ds` without the rows dated after `max_date` in any of the date columns, and how many were dropped. Rows
+    without a readable date are kept: nothing says they are newer. None passes through.
+
+    A dataset with none of the date columns is refused (the filter would silently keep everything), unless the
+    recipe declares a knowledge_cutoff on or before `max_date`: then the undated rows are within it by declaration.
+    """
+    if ds is None:
+        return None, 0
+    columns = [c.strip() for c in (date_column or "").split(",") if c.strip()]
+    present = [c for c in columns if c in ds.column_names]
+    if not present:
+        if declared is not None and declared <= max_date:
+            return ds, 0
+        why = f"has no date column {', '.join(repr(c) for c in columns)}" if columns else "has no date column set"
+        raise UsageError(
+            f"dataset_max_date {max_date} needs dated rows, but dataset '{name}' {why} (dataset_date_column); its "
+            f"columns are {ds.column_names}. Name its date column in dataset_date_column, or set dataset_max_date: "
+            "null."
+        )
+    limit = dt.date.fromisoformat(max_date)
+
+    def newer(values) -> bool:
+        return any((d := as_date(v)) is not None and d > limit for v in values)
+
+    keep = [i for i, values in enumerate(zip(*(ds[c] for c in present), strict=True)) if not newer(values)]
+    if len(keep) == len(ds):
+        return ds, 0
+    return ds.select(keep), len(ds) - len(keep)
+
+
+def apply_max_date(args: ScriptArguments, train, test):
+    """The training and test splits without the rows dated after `args.dataset_max_date`, and how many training
+    rows were dropped; a test split left empty becomes None. Unchanged when no dataset_max_date is set."""
+    if args.dataset_max_date is None:
+        return train, test, 0
+    name = args.dataset_name
+    train, dropped = drop_after(train, args.dataset_date_column, args.dataset_max_date, name, args.knowledge_cutoff)
+    if len(train) == 0:
+        raise UsageError(
+            f"dataset '{name}': every one of its {dropped} training rows is dated after dataset_max_date "
+            f"{args.dataset_max_date}; nothing is left to train on. Set a later dataset_max_date, or null."
+        )
+    test, _ = drop_after(test, args.dataset_date_column, args.dataset_max_date, name, args.knowledge_cutoff)
+    return train, test if test is not None and len(test) > 0 else None, dropped
+
+
+def knowledge_cutoff(
+    datasets_: list, date_column: str | None, declared: str | None, max_date: str | None = None, dropped: int = 0
+) -> dict[str, Any]:
+    """The newest document date in the training data, or the recipe's declared date; and which of the two.
+    `max_date` and `dropped` record a date filter (`drop_after`) applied to that data before training."""
+    cutoff = _knowledge_cutoff(datasets_, date_column, declared)
+    if max_date is None:
+        return cutoff
+    note = f"; {dropped} rows dated after {max_date} were dropped first (dataset_max_date)"
+    return {**cutoff, "detail": cutoff["detail"] + note, "max_date": max_date, "dropped": dropped}
+
+
+def _knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | None) -> dict[str, Any]:
     newest, count, used = None, 0, []
     columns = [c.strip() for c in (date_column or "").split(",") if c.strip()]
     for ds in datasets_:
@@ -659,7 +737,7 @@ def knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | N
                 continue
             used.append(column)
             for value in ds[column]:
-                d = _as_date(value)
+                d = as_date(value)
                 if d is not None:
                     count += 1
                     newest = d if newest is None or d > newest else newest

@@ -45,12 +45,24 @@ def heldout_accuracy(
     metric: str = "answer_accuracy",
     max_new_tokens: int = 32,
     batch_size: int = 64,
+    groups: list | None = None,
 ) -> dict[str, Any]:
-    """pass@1 (greedy) on held-out prompts: the metric's result plus a few examples for the record."""
+    """pass@1 (greedy) on held-out prompts: the metric's result plus a few examples for the record. `groups` (one
+    label per prompt, e.g. the tiny task's `kind`) adds `by_group`: the metric on each group's rows alone."""
     replies = greedy_replies(model, tok, prompts, max_new_tokens, batch_size)
-    result = load_metric(metric).compute(predictions=replies, references=[str(r) for r in references])
+    scorer = load_metric(metric)
+    result = scorer.compute(predictions=replies, references=[str(r) for r in references])
     examples = [
         {"prompt": str(p), "reply": r, "reference": str(ref)}
         for p, r, ref in zip(prompts, replies, references, strict=True)
     ]
-    return {**result, "metric": metric, "examples": examples[:5]}
+    out = {**result, "metric": metric, "examples": examples[:5]}
+    if groups is not None:
+        if len(groups) != len(replies):
+            raise ValueError(f"{len(groups)} group labels for {len(replies)} prompts")
+        out["by_group"] = {}
+        for label in sorted({str(g) for g in groups}):
+            idx = [i for i, g in enumerate(groups) if str(g) == label]
+            part = scorer.compute(predictions=[replies[i] for i in idx], references=[str(references[i]) for i in idx])
+            out["by_group"][label] = part
+    return out

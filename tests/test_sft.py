@@ -59,13 +59,16 @@ def test_loss_mask_covers_assistant_tokens_only(lora_run):
     tok = trainer.processing_class
     rows = [trainer.train_dataset[i] for i in range(8)]
     batch = trainer.data_collator(rows)
+    flawed = task.flawed(task.split_pairs()["sft"])
     seen = 0
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         text = tok.decode(ids[ids != tok.pad_token_id])
         question = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
         a, b = (int(x) for x in question.removeprefix("What is ").removesuffix("?").split(" plus "))
         trained = tok.decode(ids[labels != -100])
-        assert trained == task.answer(a, b) + tok.eos_token, (text, trained)
+        # the annotators' reply, flaw included: the right sum, or the carry dropped where they got it wrong
+        written = task.answer(a, b, task.dropped_carry(a, b)) if (a, b) in flawed else task.answer(a, b)
+        assert trained == written + tok.eos_token, (text, trained)
         seen += 1
     assert seen == 8
 

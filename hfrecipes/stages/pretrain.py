@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from hfrecipes import card, data, modeling
+from hfrecipes import card, data, modeling, probe
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -53,6 +53,13 @@ class PretrainConfig(TrainingArguments):
         default=False, metadata={"help": "Train a byte-level BPE tokenizer on the training text first."}
     )
     tokenizer_vocab_size: int = field(default=2048, metadata={"help": "Vocabulary size of a trained tokenizer."})
+    knowledge_probe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dated facts to probe the trained model with (`tiny:facts`, or a dataset of prompt, answer, "
+            "choices, date): how many it knows dated on or before the knowledge cutoff and after it."
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -117,7 +124,24 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     if script_args.dataset_columns is None and training_args.dataset_text_field != "text":
         script_args.dataset_columns = {"text": training_args.dataset_text_field}
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
-    stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+    train_raw, test_raw, dropped = data.apply_max_date(script_args, train_raw, test_raw)  # the data stops there
+    stage_cutoff = data.knowledge_cutoff(
+        [train_raw],
+        script_args.dataset_date_column,
+        script_args.knowledge_cutoff,
+        max_date=script_args.dataset_max_date,
+        dropped=dropped,
+    )
+    facts = (
+        probe.load_facts(training_args.knowledge_probe, script_args.tiny_seed)
+        if training_args.knowledge_probe
+        else None
+    )
+    if facts is not None and stage_cutoff["date"] is None:
+        raise UsageError(
+            f"knowledge_probe counts facts on either side of the knowledge cutoff, but this data has none "
+            f"({stage_cutoff['detail']}). Set dataset_date_column or knowledge_cutoff, or knowledge_probe: null."
+        )
 
     # Tokenizer: trained on the main process and saved into the stage folder, loaded by the others.
     run.start(training_args.process_index == 0)
@@ -170,6 +194,9 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     )
     result = run.train(trainer)
     eval_metrics = trainer.evaluate() if eval_ds is not None and len(eval_ds) > 0 else {}
+    if facts is not None:  # every process scores (a sharded model needs them all); the main one records it
+        found = probe.probe(trainer.model, tokenizer, facts, stage_cutoff["date"])
+        stage_cutoff["knowledge_probe"] = {"dataset": training_args.knowledge_probe, **found}
 
     # Save: model, tokenizer; record and card on the main process.
     trainer.save_model(str(output_dir))

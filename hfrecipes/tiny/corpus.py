@@ -1,8 +1,14 @@
 """The embedded pretraining corpus: dated documents, generated deterministically from a seed.
 
-Three kinds of text, each document carrying an ISO `date` so the knowledge cutoff of a model trained on it is a
-fact of the data: short stories from a small grammar, counting lines, and addition statements in several surface
-forms, written only for problems outside the held-out split (see `task.py`).
+Four kinds of text, each document carrying an ISO `date` so the knowledge cutoff of a model trained on it is a
+fact of the data: short stories from a small grammar, counting lines, addition statements in several surface
+forms, written only for problems outside the held-out split (see `task.py`), and dated news of a small invented
+world: each town paints its bridge one colour on one day, and many later documents report it.
+
+The world runs past the default recipe's knowledge cutoff (`LAST_DATE`) to `WORLD_END`; pretraining drops what is
+dated after the cutoff (`dataset_max_date`), so the facts after it are never seen and `fact_rows` (`tiny:facts`)
+probes what a model knows on either side. Deliberate simplification: every fact lies at least `NEWS_DAYS` before
+`LAST_DATE` or after it, so each is wholly seen or wholly unseen at the default cutoff.
 `python -m hfrecipes.tiny.corpus` prints a few documents and the corpus size.
 """
 
@@ -14,7 +20,9 @@ import random
 from hfrecipes.tiny import task
 
 FIRST_DATE = dt.date(2019, 1, 1)
-LAST_DATE = dt.date(2024, 6, 30)
+LAST_DATE = dt.date(2024, 6, 30)  # the default recipe's knowledge cutoff (recipes/tiny/pretrain.yaml)
+WORLD_END = dt.date(2026, 6, 30)
+N_DOCS = 24000  # plain documents dated up to LAST_DATE; the news and the documents after it come on top
 
 NAMES = ["Mia", "Tom", "Lily", "Ben", "Sara", "Max", "Anna", "Leo", "Nora", "Sam", "Ella", "Jack", "Ruby", "Finn"]
 ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "horse", "duck", "frog", "bear", "mouse", "owl", "goat"]
@@ -40,6 +48,31 @@ STORY_SENTENCES = [
     "{name} gave the {thing} to {name2}.",
     "Everyone was {feeling} at the end of the day.",
 ]
+
+# The world's facts: one town, one bridge colour, one date. A single-key binding per town, few enough for a ~2M
+# parameter model to learn in one pass.
+TOWNS = [
+    "Quarvel", "Dunmere", "Belthorn", "Torwick", "Marrow", "Fennig", "Ashcombe", "Kelbry", "Vorlund", "Linsey",
+    "Halbeck", "Brodmoor", "Calder", "Wexham", "Ostrin", "Pimsby", "Gorvan", "Ulmstead", "Rendle", "Scarby",
+    "Yelton", "Nebbin", "Harrowgate", "Tamsford", "Elsmore", "Crosk", "Idwell", "Jorrin", "Palmoth", "Zennor",
+    "Welbury", "Ardley", "Skellow", "Frome", "Mudlin", "Oakrest", "Drumlow", "Kestle", "Vantry", "Hobbin",
+]  # fmt: skip
+# Words nowhere else in the corpus: a colour the stories also use would carry their prior, not the fact.
+BRIDGE_COLORS = ["purple", "orange", "silver", "pink", "brown", "grey"]
+N_FACTS_BEFORE, N_FACTS_AFTER = 24, 8  # facts dated before LAST_DATE, and after it
+DOCS_PER_FACT = 160  # at N_DOCS, scaled with n_docs; pretraining reads part of an epoch: a fact needs many sightings
+NEWS_DAYS = 120  # a fact's documents are dated within this many days after it
+MONTHS = "January February March April May June July August September October November December".split()
+# No digits in the news: years written out beside the addition statements would teach digit patterns that are not
+# sums, and the tasks' arithmetic is learnt from digits alone. The document's date carries the year.
+FACT_FORMS = [
+    "In {month} the town of {town} painted its bridge {color}.",
+    "The town of {town} painted its bridge {color} in {month}.",
+    "News from {town}: the town of {town} painted its bridge {color}.",
+    "{name} went to {town}. The town of {town} painted its bridge {color}, and {name} liked it.",
+    "Since {month} the bridge of {town} is {color}.",
+]
+FACT_PROMPT = "The town of {town} painted its bridge"
 
 ADDITION_FORMS = [
     "{a} plus {b} is {c}.",
@@ -92,26 +125,84 @@ def _addition(rng: random.Random, pairs: list[tuple[int, int]]) -> str:
     return " ".join(lines)
 
 
-def _date(rng: random.Random, last: dt.date) -> str:
-    span = (last - FIRST_DATE).days
-    return (FIRST_DATE + dt.timedelta(days=rng.randint(0, span))).isoformat()
+def _date(rng: random.Random, first: dt.date, last: dt.date) -> dt.date:
+    return first + dt.timedelta(days=rng.randint(0, (last - first).days))
 
 
-def documents(n_docs: int = 24000, seed: int = 0, last_date: dt.date = LAST_DATE) -> list[dict[str, str]]:
-    """`n_docs` documents `{"text", "date"}`; the default is about 3 MB of text."""
-    rng = random.Random(f"tiny-corpus-{seed}")
+def facts(seed: int = 0) -> list[dict[str, str]]:
+    """The world's facts `{"town", "color", "date"}`, oldest first: N_FACTS_BEFORE dated at least NEWS_DAYS before
+    LAST_DATE, N_FACTS_AFTER after it; colours dealt round so each is about equally common on either side."""
+    rng = random.Random(f"tiny-facts-{seed}")
+    towns = rng.sample(TOWNS, N_FACTS_BEFORE + N_FACTS_AFTER)
+    spans = [(FIRST_DATE, LAST_DATE - dt.timedelta(days=NEWS_DAYS), N_FACTS_BEFORE)]
+    spans.append((LAST_DATE + dt.timedelta(days=1), WORLD_END - dt.timedelta(days=NEWS_DAYS), N_FACTS_AFTER))
+    out = []
+    for first, last, n in spans:
+        colors = [BRIDGE_COLORS[i % len(BRIDGE_COLORS)] for i in range(n)]
+        rng.shuffle(colors)
+        dates = sorted(_date(rng, first, last) for _ in range(n))
+        out += [{"town": towns.pop(), "color": c, "date": d.isoformat()} for c, d in zip(colors, dates, strict=True)]
+    return out
+
+
+def fact_rows(seed: int = 0) -> list[dict]:
+    """The probe of the world's facts (`tiny:facts`): `{"prompt", "answer", "choices", "date"}`, one row a fact."""
+    return [
+        {
+            "prompt": FACT_PROMPT.format(town=f["town"]),
+            "answer": f["color"],
+            "choices": list(BRIDGE_COLORS),
+            "date": f["date"],
+        }
+        for f in facts(seed)
+    ]
+
+
+def _fact_doc(rng: random.Random, fact: dict[str, str]) -> dict[str, str]:
+    """A news item: the fact once, in one of its surface forms (twice would teach copying it from the document,
+    not recalling it), and a little story around it."""
+    day = dt.date.fromisoformat(fact["date"])
+    values = dict(town=fact["town"], color=fact["color"], month=MONTHS[day.month - 1])
+    news = _fill(rng.choice(FACT_FORMS), rng, **values)
+    text = " ".join([news] + [_fill(rng.choice(STORY_SENTENCES), rng) for _ in range(rng.randint(0, 2))])
+    last = min(day + dt.timedelta(days=NEWS_DAYS), WORLD_END)
+    return {"text": text, "date": _date(rng, day, last).isoformat()}
+
+
+def _plain(rng: random.Random, train_pairs: list[tuple[int, int]], first: dt.date, last: dt.date) -> dict[str, str]:
+    """A story, a counting line or addition statements (45% / 15% / 40%), dated in [first, last]."""
+    r = rng.random()
+    if r < 0.45:
+        text = _story(rng)
+    elif r < 0.6:
+        text = _counting(rng)
+    else:
+        text = _addition(rng, train_pairs)
+    return {"text": text, "date": _date(rng, first, last).isoformat()}
+
+
+def documents(n_docs: int = N_DOCS, seed: int = 0, world_end: dt.date = WORLD_END) -> list[dict[str, str]]:
+    """About `n_docs` documents `{"text", "date"}`, dated FIRST_DATE .. `world_end`: `n_docs` stories, counting
+    lines and addition statements up to LAST_DATE, as many again per day after it, and the world's news on top
+    (DOCS_PER_FACT per fact, scaled with n_docs). The plain documents up to LAST_DATE do not depend on the news, so
+    what the tasks' pretraining sees of addition is the same with or without it."""
     splits = task.split_pairs(seed)
     train_pairs = splits["sft"] + splits["rl"]
-    docs = []
-    for _ in range(n_docs):
-        r = rng.random()
-        if r < 0.45:
-            text = _story(rng)
-        elif r < 0.6:
-            text = _counting(rng)
-        else:
-            text = _addition(rng, train_pairs)
-        docs.append({"text": text, "date": _date(rng, last_date)})
+    rng = random.Random(f"tiny-corpus-{seed}")
+    docs = [_plain(rng, train_pairs, FIRST_DATE, LAST_DATE) for _ in range(n_docs)]
+    if world_end > LAST_DATE:
+        later = random.Random(f"tiny-corpus-later-{seed}")
+        per_day = n_docs / (LAST_DATE - FIRST_DATE).days
+        start = LAST_DATE + dt.timedelta(days=1)
+        docs += [
+            _plain(later, train_pairs, start, world_end) for _ in range(round(per_day * (world_end - LAST_DATE).days))
+        ]
+    news = random.Random(f"tiny-news-{seed}")
+    per_fact = max(1, round(DOCS_PER_FACT * n_docs / N_DOCS))
+    world = [f for f in facts(seed) if f["date"] <= world_end.isoformat()]
+    reports = [_fact_doc(news, f) for f in world for _ in range(per_fact)]
+    docs += [d for d in reports if d["date"] <= world_end.isoformat()]
+    news.shuffle(docs)
     return docs
 
 
@@ -119,3 +210,4 @@ if __name__ == "__main__":
     docs = documents()
     print(*[d["date"] + "  " + d["text"][:120] for d in docs[:6]], sep="\n")
     print(len(docs), "documents,", sum(len(d["text"]) for d in docs) / 1e6, "MB, newest", max(d["date"] for d in docs))
+    print(sum(d["date"] <= LAST_DATE.isoformat() for d in docs), "dated up to", LAST_DATE)

@@ -1,8 +1,14 @@
 """The embedded tiny task: two-digit addition asked in words, split once and for all by a seed.
 
 Every later stage draws its data from here (`hfrecipes.data.tiny_rows`), so the splits are disjoint by
-construction: the held-out problems never appear in the pretraining corpus, the SFT data, the preference pairs
-or the RL prompts. `python -m hfrecipes.tiny.task` prints a sample of each split.
+construction: the held-out and validation problems never appear in the pretraining corpus, the SFT data, the
+preference pairs or the RL prompts. `python -m hfrecipes.tiny.task` prints a sample of each split.
+
+The SFT demonstrations come from imperfect annotators with one systematic flaw: on two of every three problems whose
+units digits carry, they drop the carry ("47 plus 38 is 75."). Imitation can therefore get no better than its
+demonstrations on carry problems, while a rater can still tell a right sum from a wrong one: the preference pairs
+and the verifiable reward are right. Every problem has a `kind`, `carry` or `no_carry`, so evaluations can report the
+flawed and the clean kinds apart.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import random
 import re
 
 N_HELDOUT = 300
+N_VALIDATION = 200
 N_RL = 3000
 MAX_OPERAND = 99
 
@@ -23,14 +30,32 @@ def all_pairs() -> list[tuple[int, int]]:
 
 
 def split_pairs(seed: int = 0) -> dict[str, list[tuple[int, int]]]:
-    """Disjoint problem splits: `heldout` (never trained on), `rl` (RL prompts), `sft` (everything else)."""
+    """Disjoint problem splits: `heldout` (never trained on, the final score), `validation` (never trained on, for
+    decisions during training: when SFT has plateaued, when RL games its reward), `rl` (RL prompts), `sft` (the
+    rest)."""
     pairs = all_pairs()
     random.Random(f"tiny-split-{seed}").shuffle(pairs)
+    rl_end = N_HELDOUT + N_RL
     return {
         "heldout": pairs[:N_HELDOUT],
-        "rl": pairs[N_HELDOUT : N_HELDOUT + N_RL],
-        "sft": pairs[N_HELDOUT + N_RL :],
+        "rl": pairs[N_HELDOUT:rl_end],
+        "validation": pairs[rl_end : rl_end + N_VALIDATION],
+        "sft": pairs[rl_end + N_VALIDATION :],
     }
+
+
+def carries(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def kind(a: int, b: int) -> str:
+    """The kind of problem the annotators' flaw touches (`carry`) or not (`no_carry`)."""
+    return "carry" if carries(a, b) else "no_carry"
+
+
+def dropped_carry(a: int, b: int) -> int:
+    """The sum with the units' carry dropped from the tens: the annotators' flaw."""
+    return a + b - 10
 
 
 def question(a: int, b: int) -> str:
@@ -63,8 +88,28 @@ def conversation(a: int, b: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": answer(a, b)}]
 
 
-def sft_rows(pairs: list[tuple[int, int]]) -> list[dict]:
-    return [{"messages": conversation(a, b)} for a, b in pairs]
+def flawed(pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The problems the annotators get wrong: two of every three carry problems, in the split's order. More than
+    half, so imitation settles on dropping the carry (its greedy reply is the flawed one, steadily), while a reply
+    sampled at temperature 1 still carries about one time in three: there is something right for RL to find."""
+    carry = [p for p in pairs if carries(*p)]
+    return {p for i, p in enumerate(carry) if i % 3}
+
+
+def sft_rows(pairs: list[tuple[int, int]], annotated: bool = True) -> list[dict]:
+    """SFT conversations; `annotated`: as the flawed annotators wrote them (the carry dropped on `flawed(pairs)`),
+    else every reply right."""
+    wrong = flawed(pairs) if annotated else set()
+    rows = []
+    for a, b in pairs:
+        reply = answer(a, b, dropped_carry(a, b)) if (a, b) in wrong else answer(a, b)
+        rows.append(
+            {
+                "messages": [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": reply}],
+                "kind": kind(a, b),
+            }
+        )
+    return rows
 
 
 def miscopied(n: int, rng: random.Random) -> int:
@@ -82,11 +127,14 @@ def miscopied(n: int, rng: random.Random) -> int:
 
 def wrong_reply(a: int, b: int, rng: random.Random) -> str:
     """A wrong reply of one of the kinds small models make, in equal shares: a near miss in the sum (`wrong_sum`),
-    an operand miscopied (the reply adds the wrong numbers correctly), or a sum far off."""
-    kind = rng.randrange(3)
-    if kind == 0:
+    an operand miscopied (the reply adds the wrong numbers correctly), or a sum far off; on a carry problem, a
+    quarter of the time the annotators' dropped carry instead, which a rater sees is wrong."""
+    if carries(a, b) and rng.random() < 0.25:
+        return answer(a, b, dropped_carry(a, b))
+    choice = rng.randrange(3)
+    if choice == 0:
         return answer(a, b, wrong_sum(a, b, rng))
-    if kind == 1:
+    if choice == 1:
         a2, b2 = (miscopied(a, rng), b) if rng.random() < 0.5 else (a, miscopied(b, rng))
         return answer(a2, b2)
     off = rng.randint(20, 60)
@@ -110,9 +158,14 @@ def preference_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
 
 def prompt_rows(pairs: list[tuple[int, int]]) -> list[dict]:
     """RL prompts: `answer` is the sum (lenient checks), `solution` the whole expected reply (strict exact match,
-    which stops a policy from miscopying the operands while getting the sum right)."""
+    which stops a policy from miscopying the operands while getting the sum right), `kind` carry or no_carry."""
     return [
-        {"prompt": [{"role": "user", "content": question(a, b)}], "answer": str(a + b), "solution": answer(a, b)}
+        {
+            "prompt": [{"role": "user", "content": question(a, b)}],
+            "answer": str(a + b),
+            "solution": answer(a, b),
+            "kind": kind(a, b),
+        }
         for a, b in pairs
     ]
 

@@ -1,0 +1,134 @@
+"""The knowledge probe: which dated facts a causal LM knows, on either side of its knowledge cutoff.
+
+Each fact is a row `{"prompt", "answer", "choices", "date"}` (the bundled `tiny:facts`, or any dataset with those
+columns). A fact is known when the model's log-likelihood of `prompt + " " + answer` is above that of every other
+choice (a tie is not known); facts dated on or before the cutoff are counted apart from those after it, beside the
+chance level of guessing. Deliberate simplification: the continuation's summed log-probability, not normalised by
+its length, as lm-evaluation-harness' `acc`.
+
+The pretrain stage runs it at its end when the recipe sets `knowledge_probe: tiny:facts`; on any folder:
+
+    from hfrecipes import probe
+    probe.probe("runs/tiny/pretrain", None, probe.load_facts("tiny:facts"), "2024-06-30")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+from typing import Any
+
+from hfrecipes import data
+from hfrecipes.errors import UsageError
+
+COLUMNS = ("prompt", "answer", "choices", "date")
+SPLIT = "test"  # the split a probe dataset is read from (`tiny:facts` has only this one)
+
+logger = logging.getLogger(__name__)
+
+
+def load_facts(name: str, seed: int = 0) -> list[dict[str, Any]]:
+    """The probe rows of dataset `name` (a `tiny:` name, a local file or a Hub id), checked: every row has the four
+    columns, a readable date, and an answer among at least two choices. Runs before any model loads."""
+    args = data.ScriptArguments(
+        dataset_name=name, dataset_train_split=SPLIT, dataset_test_split=None, tiny_seed=seed, dataset_date_column=None
+    )
+    ds = data.load_split(args, SPLIT)
+    if ds is None:
+        raise UsageError(f"knowledge_probe '{name}' has no split '{SPLIT}'; a probe dataset is read from that split.")
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise UsageError(
+            f"knowledge_probe '{name}' lacks column(s) {missing}; a probe row is {{prompt, answer, choices, date}}, "
+            f"it has {ds.column_names}."
+        )
+    rows = ds.to_list()
+    if not rows:
+        raise UsageError(f"knowledge_probe '{name}' is empty; a probe needs at least one fact.")
+    for i, row in enumerate(rows):
+        choices = row["choices"]
+        if not isinstance(choices, list) or len(choices) < 2 or row["answer"] not in choices:
+            raise UsageError(
+                f"knowledge_probe '{name}' row {i}: 'answer' {row['answer']!r} must be one of at least two "
+                f"'choices', got {choices!r}."
+            )
+        if data.as_date(row["date"]) is None:
+            raise UsageError(f"knowledge_probe '{name}' row {i}: 'date' {row['date']!r} is not a date YYYY-MM-DD.")
+    return rows
+
+
+def tally(rows: list[dict[str, Any]], scores: list[list[float]], cutoff: str) -> dict[str, Any]:
+    """Known facts before (dated on or before `cutoff`) and after it, from each row's choice scores; chance is the
+    mean of 1/len(choices). Pure arithmetic: no model."""
+    limit = dt.date.fromisoformat(cutoff)
+    sides = {"before": [0, 0], "after": [0, 0]}
+    for row, row_scores in zip(rows, scores, strict=True):
+        truth = row_scores[row["choices"].index(row["answer"])]
+        known = all(truth > s for j, s in enumerate(row_scores) if row["choices"][j] != row["answer"])
+        side = sides["before" if data.as_date(row["date"]) <= limit else "after"]
+        side[0] += known
+        side[1] += 1
+    out = {key: {"known": k, "total": n, "accuracy": k / n if n else None} for key, (k, n) in sides.items()}
+    return {"cutoff": cutoff, **out, "chance": sum(1 / len(r["choices"]) for r in rows) / len(rows)}
+
+
+def _encode(tok, text: str) -> list[int]:
+    ids = tok(text)["input_ids"]
+    if tok.eos_token_id is not None and ids == tok(text, add_special_tokens=False)["input_ids"]:
+        ids = [tok.eos_token_id] + ids  # the tokenizer marks no start: a packed pretraining document follows an EOS
+    return ids
+
+
+def _divergence(context: list[int], seq: list[int]) -> int:
+    """Where `seq` leaves `context`: a choice's tokens start there (BPE may merge across the join)."""
+    n = min(len(context), len(seq))
+    return next((i for i in range(n) if context[i] != seq[i]), n)
+
+
+def choice_scores(model, tok, prompt: str, choices: list[str]) -> list[float]:
+    """Summed log-probability of each `" " + choice` after `prompt`, in one right-padded batch."""
+    import torch
+
+    context = _encode(tok, prompt)
+    seqs = [_encode(tok, f"{prompt} {choice}") for choice in choices]
+    starts = [max(1, _divergence(context, s)) for s in seqs]
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return [
+        logprobs[i, start - 1 : len(s) - 1].sum().item() for i, (s, start) in enumerate(zip(seqs, starts, strict=True))
+    ]
+
+
+def probe(folder_or_model, tok, rows: list[dict[str, Any]], cutoff: str) -> dict[str, Any]:
+    """Score every fact in `rows` with the causal LM `folder_or_model` (a model, or a folder or Hub id loaded here;
+    `tok` None loads the folder's tokenizer): `{"cutoff", "before": {"known", "total", "accuracy"}, "after",
+    "chance"}`."""
+    if isinstance(folder_or_model, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        from hfrecipes import modeling
+
+        tok = tok or modeling.load_tokenizer(str(folder_or_model))
+        model = AutoModelForCausalLM.from_pretrained(str(folder_or_model))
+    else:
+        model = folder_or_model
+    was_training = model.training
+    model.eval()
+    try:
+        scores = [choice_scores(model, tok, row["prompt"], list(row["choices"])) for row in rows]
+    finally:
+        model.train(was_training)
+    result = tally(rows, scores, cutoff)
+    logger.info(
+        "knowledge probe: %d/%d facts known before %s, %d/%d after (chance %.2g)",
+        result["before"]["known"], result["before"]["total"], cutoff,
+        result["after"]["known"], result["after"]["total"], result["chance"],
+    )  # fmt: skip
+    return result
