@@ -40,6 +40,7 @@ AUTO_CLASSES = {"reward": "AutoModelForSequenceClassification"}
 TRAINING_TYPES = {"pretrain": "pre-training"}
 EXPORT = "export"  # the one record that trains nothing: it merges and writes a serving folder
 SERVING_PLOT = "serving.png"  # the throughput curve `bench/serving.py` measures and draws
+GOLD_PLOT = "gold.png"  # the gold check's history (`hfrecipes.gold`): proxy reward and gold accuracy by step
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -271,6 +272,54 @@ def existing_plots(folder: str | Path) -> list[dict[str, str]]:
     return [{"title": n, "file": f"{n}.png"} for n in ("loss", "reward") if (Path(folder) / f"{n}.png").is_file()]
 
 
+def write_gold_plot(folder: str | Path, rec: dict[str, Any]) -> list[dict[str, str]]:
+    """`gold.png` from the record's gold check: gold accuracy and the proxy reward against step, on twin axes (the
+    two have different scales), the best check and a hacking flag marked."""
+    gold = (rec.get("metrics") or {}).get("gold")
+    if not isinstance(gold, dict) or not gold.get("history"):
+        return []
+    records.atomic_write_bytes(Path(folder) / GOLD_PLOT, _gold_plot(gold))
+    return [{"title": "gold", "file": GOLD_PLOT}]
+
+
+def _gold_plot(gold: dict[str, Any]) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = gold["history"]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["gold"] for h in history], marker=".", color="tab:blue", label=f"gold {gold.get('metric')}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"gold ({gold.get('dataset')}, {gold.get('split')})", color="tab:blue")
+    ax.grid(alpha=0.3)
+    best, flag = gold.get("best") or {}, gold.get("hacking")
+    if best.get("step") is not None:
+        ax.axvline(best["step"], color="tab:green", linestyle=":", label=f"best gold (step {best['step']})")
+    if flag:
+        ax.axvline(flag["step"], color="tab:red", linestyle="--", label=f"hacking flagged (step {flag['step']})")
+    handles, labels = ax.get_legend_handles_labels()
+    proxy = [(h["step"], h["proxy"]) for h in history if isinstance(h.get("proxy"), (int, float))]
+    if proxy:
+        twin = ax.twinx()
+        xs, ys = zip(*proxy, strict=True)
+        twin.plot(xs, ys, marker=".", color="tab:orange", label="proxy reward")
+        twin.set_ylabel("proxy reward", color="tab:orange")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def gold_plots(folder: str | Path) -> list[dict[str, str]]:
+    return [{"title": "gold", "file": GOLD_PLOT}] if (Path(folder) / GOLD_PLOT).is_file() else []
+
+
 def measured_plots(folder: str | Path) -> list[dict[str, str]]:
     """Plots a measurement wrote into the folder (not made from `metrics.jsonl`): the serving curve of
     `bench/serving.py`. The card shows it in its serving section, beside the curve's table."""
@@ -319,6 +368,55 @@ def card_data(rec: dict[str, Any], stages: list[dict[str, Any]], total: dict[str
             "total": total,
         },
     )
+
+
+def _pct(x: float | None) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
+
+
+def gold_text(gold: dict[str, Any] | None, plots: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The card's gold-check section from the record's `metrics.gold`: what was checked, the best check, the hacking
+    flag, why training stopped and whose weights were saved; None without a gold check."""
+    if not isinstance(gold, dict) or not gold.get("history"):
+        return None
+    history, best, flag = gold["history"], gold.get("best") or {}, gold.get("hacking")
+    last = history[-1]["step"]
+    groups = next((h.get("by_group") for h in history if h["step"] == best.get("step")), None) or {}
+    if flag:
+        hacking = (
+            f"Reward hacking flagged at step {flag['step']}: gold accuracy fell to {_pct(flag['gold'])} from its best "
+            f"{_pct(flag['best_gold'])} while the proxy reward rose to {_num(flag['proxy'])} from "
+            f"{_num(flag['proxy_at_best'])} at the best check."
+        )
+    elif any(isinstance(h.get("proxy"), (int, float)) for h in history):
+        hacking = "No reward hacking flagged: gold accuracy never fell far below its best while the proxy rose."
+    else:
+        hacking = None  # a stage with no proxy reward (SFT) has nothing to game
+    stopped = gold.get("stopped")
+    if stopped == "plateau":
+        outcome = f"Training stopped at the plateau at step {last}."
+    elif stopped == "reward_hacking":
+        outcome = f"Training stopped for reward hacking at step {last}."
+    else:
+        outcome = f"Training ran to its last step ({last})."
+    kept = gold.get("kept_step")
+    if kept is not None:
+        which = "the best gold check" if kept == best.get("step") and kept != last else "the last step"
+        outcome += f" The saved weights are those of step {kept} ({which})."
+    return {
+        "metric": gold.get("metric"),
+        "dataset": gold.get("dataset"),
+        "split": gold.get("split"),
+        "examples": gold.get("examples"),
+        "every": gold.get("every"),
+        "checks": len(history),
+        "best_step": best.get("step"),
+        "best": _pct(best.get("gold")),
+        "best_groups": ", ".join(f"{k} {_pct(v)}" for k, v in groups.items()) or None,
+        "hacking": hacking,
+        "outcome": outcome,
+        "plot": next((p["file"] for p in plots if p["file"] == GOLD_PLOT), None),
+    }
 
 
 def heldout_line(heldout: dict[str, Any] | None) -> str | None:
@@ -489,6 +587,7 @@ def render(
     values = dict((last.get("recipe") or {}).get("values", {}))
     metrics = dict(rec.get("metrics") or {})
     heldout = metrics.pop("heldout", None)
+    gold = metrics.pop("gold", None)
     summary = (
         f"A {model.get('model_type') or ''} model of {_si(params)} parameters after the **{last['stage']}** stage "
         f"({len(rows)} stage(s) in its lineage), trained with [hfrecipes](https://pypi.org/project/hfrecipes/)."
@@ -518,11 +617,12 @@ def render(
         break_even=even,
         flops_break_even=flops_even,
         heldout=heldout_line(heldout),
+        gold=gold_text(gold, plots or []),
         metrics=metrics,
         adapter=model.get("adapter"),
         auto_class=AUTO_CLASSES.get(last["stage"], "AutoModelForCausalLM"),
         repo=repo,
-        plots=[p for p in plots or [] if p["file"] != SERVING_PLOT],
+        plots=[p for p in plots or [] if p["file"] not in (SERVING_PLOT, GOLD_PLOT)],
         serving_curve=serving_curve(rec, plots or []),
         recipe_yaml=yaml.safe_dump(values, sort_keys=False) if values else "{}\n",
         versions=versions,
@@ -534,5 +634,6 @@ def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name
     """Write README.md (and, unless `plots=False`, the PNG plots it links) into a stage folder. `name` is the path
     the card calls the model by, when the folder is written under a temporary name first."""
     folder = Path(folder)
-    written = (write_plots(folder) if plots else existing_plots(folder)) + measured_plots(folder)
+    made = write_plots(folder) + write_gold_plot(folder, rec) if plots else existing_plots(folder) + gold_plots(folder)
+    written = made + measured_plots(folder)
     records.atomic_write_text(folder / "README.md", str(render(rec, str(name or folder), plots=written)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, data, engines, evaluation, inference, modeling, record, rewards
+from hfrecipes import card, data, engines, evaluation, gold, inference, modeling, record, rewards
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -32,9 +32,10 @@ STAGE = "grpo"
 
 
 @dataclass
-class GRPOConfig(FineTuneDefaults, LogitsHeadOption, trl.GRPOConfig):
+class GRPOConfig(FineTuneDefaults, LogitsHeadOption, gold.GoldOptions, trl.GRPOConfig):
     """`trl.GRPOConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`, plus
-    rewards chosen by name and a held-out evaluation before and after training."""
+    rewards chosen by name, a held-out evaluation before and after training, and the gold check of
+    `hfrecipes/gold.py` (its proxy is the logged `reward`: gold falling while it rises is reward hacking)."""
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy"],
@@ -140,6 +141,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     needs = [["prompt", "answer"]] if "accuracy" in training_args.reward_funcs else [["prompt"]]
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, needs)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+    gold_set = gold.load(script_args, training_args, STAGE)
     if training_args.reward_model_path:
         funcs.append(rewards.reward_model_scorer(training_args.reward_model_path))
 
@@ -148,6 +150,11 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     tokenizer.padding_side = "left"
     train_raw = as_chat(train_raw, training_args.system_prompt, tokenizer)
     test_raw = as_chat(test_raw, training_args.system_prompt, tokenizer)
+    if gold_set is not None:  # the gold check asks as training does
+        import datasets
+
+        prompts = datasets.Dataset.from_dict({"prompt": gold_set.prompts})
+        gold_set = gold_set._replace(prompts=as_chat(prompts, training_args.system_prompt, tokenizer)["prompt"])
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
     # Held-out evaluation runs on the main process only (the others wait at their first collective), so ranks do
@@ -172,6 +179,9 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     )
     if training_args.reward_model_path:
         funcs[-1].model = frozen_for_engine(trainer.accelerator, funcs[-1].model)
+    gold_check = gold.attach(
+        trainer, gold_set, training_args, tokenizer, "reward", lambda: whole_weights(trainer.model, trainer)
+    )
     run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
     result = run.train(trainer)
     after = {}
@@ -202,5 +212,6 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
             "reward_first_logged": (record.logged(trainer, "reward") or [None])[0],
             "reward_last_logged": (record.logged(trainer, "reward") or [None])[-1],
             "rewards": training_args.reward_funcs + (["reward_model"] if training_args.reward_model_path else []),
+            **gold.metrics(gold_check),
         },
     )

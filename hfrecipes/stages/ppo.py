@@ -20,7 +20,7 @@ from typing import Literal
 
 import transformers
 
-from hfrecipes import data, modeling, record, rewards
+from hfrecipes import data, gold, modeling, record, rewards
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -34,8 +34,9 @@ COLUMNS = data.STAGE_COLUMNS[STAGE]
 
 
 @dataclass
-class PPOConfig(FineTuneDefaults, transformers.TrainingArguments):
-    """`transformers.TrainingArguments` plus PPO's knobs, with the fine-tuning defaults of `stages/common.py`.
+class PPOConfig(FineTuneDefaults, gold.GoldOptions, transformers.TrainingArguments):
+    """`transformers.TrainingArguments` plus PPO's knobs, with the fine-tuning defaults of `stages/common.py` and the
+    gold check of `hfrecipes/gold.py` (its proxy is the mean rollout `score`).
 
     One training step is one PPO iteration: each process samples `per_device_train_batch_size *
     gradient_accumulation_steps * num_mini_batches` replies (the rollout), then takes `num_ppo_epochs *
@@ -162,6 +163,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
     # Data: prompts (and any columns the reward functions read); checked before any model exists.
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
+    gold_set = gold.load(script_args, training_args, STAGE)
 
     # Tokenizer: the policy's; the reward model reads text through its own.
     tokenizer = modeling.load_stage_tokenizer(model_args)
@@ -187,6 +189,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
         reward_funcs=reward_funcs,
         train_dataset=train_raw,
         callbacks=run.callbacks(),
+        gold=gold.new_check(gold_set, training_args, tokenizer),
     )
     run.describe_model(
         policy,
@@ -231,5 +234,6 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
             "clipfrac_last_logged": last["clipfrac"],
             "kl_coef_final": trainer.kl_coef,
             "rollout_batch_size": training_args.rollout_batch_size * training_args.world_size,
+            **gold.metrics(trainer.gold),
         },
     )

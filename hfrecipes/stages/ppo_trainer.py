@@ -4,7 +4,8 @@ The arithmetic is pure functions on tensors, checked by hand in tests/test_ppo.p
 named phases that pass typed bundles: `rollout` (sample replies; log-probabilities under policy and reference, values)
 -> `score` (rewards, the missing-EOS penalty) -> `advantages` (per-token KL penalty, GAE, whitening) -> `update`
 (epochs of clipped updates over minibatches) -> `log_step` (metrics over updates and processes) -> `end_step`
-(adaptive KL, callbacks, logs, checkpoints). The Trainer internals the loop drives are in `trainer_internals.py`.
+(adaptive KL, callbacks, logs, checkpoints) -> `gold_step` (the gold check of `hfrecipes/gold.py`, when on). The
+Trainer internals the loop drives are in `trainer_internals.py`.
 
 Deliberate simplifications: one rollout per step, sampled by the policy being trained (no separate generation
 engine); the reward arrives on a reply's last token only; the KL penalty is the k1 estimate; the reference under LoRA
@@ -330,6 +331,7 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         reward_funcs: list,
         train_dataset,
         callbacks=None,
+        gold=None,
     ):
         for m in (policy, ref_model, critic):
             if m is not None:
@@ -347,6 +349,8 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         self.reward_names = names
         self.reward_weights = list(args.reward_weights or [1.0] * len(names))
         self.kl_coef = args.kl_coef
+        self.gold = gold  # a `hfrecipes.gold.GoldCheck`, or None
+        self.gold_proxies: list[float] = []  # rollout scores since the last gold check
         self.eos_id = processing_class.eos_token_id
         self.pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None else self.eos_id
         # set by `begin()`: the policy's size (for FLOPs), tokens seen so far, rollout batches per pass over the data
@@ -384,6 +388,12 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
             finally:
                 if engine is not None:
                     add_hooks(engine)
+
+    @contextlib.contextmanager
+    def gathered_policy(self):
+        """The policy alone, whole, to generate gold replies with."""
+        with self.gathered() as model:
+            yield model.policy
 
     @contextlib.contextmanager
     def reference(self):
@@ -566,6 +576,8 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         start_step = self.begin(max_steps, resume_from_checkpoint)
         losses = []
         start = time.perf_counter()
+        if self.gold is not None:
+            self.gold.check(start_step, self.gathered_policy, self.unwrapped.policy, [])
         for step in range(start_step, max_steps):
             rows = self.step_prompts(step)
             trainer_internals.fire(self, "on_step_begin")
@@ -575,8 +587,11 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
             update = self.update(rollout, advantages)
             logs = self.log_step(rollout, scores, advantages, update)
             losses.append(logs["loss"])
-            if self.end_step(step, max_steps, logs):
+            stop = self.end_step(step, max_steps, logs)
+            if self.gold_step(step + 1, logs) or stop:
                 break
+        if self.gold is not None:
+            self.gold.finish(self.state.global_step, self.gathered_policy, self.unwrapped.policy, self.gold_proxies)
         train_loss = sum(losses) / len(losses) if losses else 0.0
         return trainer_internals.finish_training(self, train_loss, start)
 
@@ -714,6 +729,17 @@ class PPOTrainer(card.OwnsCard, transformers.Trainer):
         return trainer_internals.end_step(
             self, step + 1, (step + 1) / self.batches_per_epoch, logs, last=step + 1 == max_steps
         )
+
+    def gold_step(self, step: int, logs: dict[str, float]) -> bool:
+        """The gold check where `step` is due one, its proxy the mean score of the rollouts since the last; returns
+        whether it stops training."""
+        if self.gold is None:
+            return False
+        self.gold_proxies.append(logs["score"])
+        if not self.gold.due(step):
+            return False
+        proxies, self.gold_proxies = self.gold_proxies, []
+        return bool(self.gold.check(step, self.gathered_policy, self.unwrapped.policy, proxies))
 
     # -- held-out evaluation ------------------------------------------------------------------------------------
 

@@ -11,21 +11,22 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, chat_templates, data, modeling
+from hfrecipes import card, chat_templates, data, gold, modeling
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
+from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads, whole_weights
 
 STAGE = "sft"
 COLUMNS = data.STAGE_COLUMNS[STAGE]
 
 
 @dataclass
-class SFTConfig(FineTuneDefaults, LogitsHeadOption, trl.SFTConfig):
-    """`trl.SFTConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`.
+class SFTConfig(FineTuneDefaults, LogitsHeadOption, gold.GoldOptions, trl.SFTConfig):
+    """`trl.SFTConfig` with the fine-tuning defaults and the `logits_lm_head` switch of `stages/common.py`, and the
+    gold check of `hfrecipes/gold.py` (train to the plateau: `gold_patience`).
 
     Changed default: `assistant_only_loss=None` means "on for `messages` data"; prompt/completion data trains on
     the completion through TRL's `completion_only_loss`.
@@ -135,6 +136,7 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
     conversational = resolve_loss(training_args, train_raw)
+    gold_set = gold.load(script_args, training_args, STAGE)
 
     # Tokenizer: the checkpoint's, with a chat template that fits the data and the loss.
     tokenizer = modeling.load_stage_tokenizer(model_args)
@@ -163,6 +165,9 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
         )
     finally:
         tokenizer.chat_template = own_template
+    gold_check = gold.attach(
+        trainer, gold_set, training_args, tokenizer, None, lambda: whole_weights(trainer.model, trainer)
+    )
     run.describe_model(trainer.model, model_args.model_name_or_path, model_args)
     result = run.train(trainer)
     heldout = trainer.evaluate() if test_raw is not None else {}
@@ -189,5 +194,6 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
             "loss_template": loss_template_source,
             "completion_only_loss": trainer.completion_only_loss,
             "packing": training_args.packing,
+            **gold.metrics(gold_check),
         },
     )
