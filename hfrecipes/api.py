@@ -67,14 +67,16 @@ def lifecycle(
     run_dir: str | Path | None = None,
     force: tuple[str, ...] | list[str] = (),
     overrides: dict[str, dict[str, Any]] | None = None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Run or resume a whole lifecycle (stages, control, export, inference); returns its summary.
 
-    `overrides` maps a stage id, or `*` for every stage, to recipe keys: `{"*": {"max_steps": 5}}`.
+    `overrides` maps a stage id, or `*` for every stage, to recipe keys: `{"*": {"max_steps": 5}}`. `seeds` > 1
+    runs it once per seed (every stage's seed raised by 1, 2, ...) and summarises the spread.
     """
     from hfrecipes.lifecycles.runner import run
 
-    return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides)
+    return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides, seeds=seeds)
 
 
 def ppo(recipe: str | Path = "tiny/ppo", **overrides) -> StageResult:

@@ -125,6 +125,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STAGE.KEY=VALUE",
         help="override a recipe key of one stage, or of every stage with '*' (repeatable)",
     )
+    life.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the lifecycle N times, every stage's seed raised by 0..N-1 (the others in RUN_DIR/seeds/); the "
+        "summary reports each stage's mean and min-max",
+    )
     names = "ddp, fsdp2, zero2, zero3 (recipes/accelerate/) or a YAML path"
     acc = sub.add_parser("accelerate-config", help="print the path of a bundled accelerate config")
     acc.add_argument("name", help=names)
@@ -349,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             from hfrecipes.api import lifecycle
             from hfrecipes.lifecycles.spec import parse_sets
 
-            summary = lifecycle(args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set))
+            summary = lifecycle(
+                args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set), seeds=args.seeds
+            )
             print((Path(summary["run_dir"]) / "summary.md").read_text())
             return 0
         if args.command == "accelerate-config":

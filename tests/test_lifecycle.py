@@ -20,17 +20,20 @@ from hfrecipes.lifecycles import summary as summaries
 from hfrecipes.lifecycles.runner import _clear
 from hfrecipes.lifecycles.spec import load
 
+GOLD = {"gold_samples": 8, "gold_every": 1}
+PPO_FAST = {"max_steps": 2, "per_device_train_batch_size": 4, "num_mini_batches": 2, "heldout_max_prompts": 8}
 FAST = {
     "*": {"logging_steps": 1, "save_strategy": "no"},
     "pretrain": {"max_steps": 12, "dataset_test_split": ""},
-    "sft": {"max_steps": 8},
+    "sft": {"max_steps": 8, **GOLD, "gold_every": 4},
     "reward": {"max_steps": 4},
     "dpo": {"max_steps": 3},
-    "grpo": {"max_steps": 2, "eval_samples": 8, "per_device_train_batch_size": 16, "num_generations": 4},
-    "ppo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_mini_batches": 2, "heldout_max_prompts": 8},
-    "sft_more": {},
+    "grpo": {"max_steps": 2, "eval_samples": 8, "per_device_train_batch_size": 16, "num_generations": 4, **GOLD},
+    "ppo": {**PPO_FAST, **GOLD},
+    "ppo_rm": {**PPO_FAST, **GOLD},
+    "sft_more": {"gold_samples": 8},
 }
-STAGE_IDS = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")
+STAGE_IDS = ("pretrain", "sft", "reward", "ppo", "ppo_rm", "dpo", "grpo")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,13 @@ def test_first_run_makes_every_artifact(first):
     for stage in (*STAGE_IDS, "sft_more"):
         assert json.loads((run_dir / stage / "record.json").read_text())["status"] == "complete"
     assert summary["export"]["from"] in ("ppo", "dpo", "grpo")
+    # the held-out accuracy by kind of problem, and the claims the recipe names, each with its verdict
+    rows = {r["id"]: r for r in summary["stages"]}
+    assert set(rows["sft"]["by_group"]) == {"carry", "no_carry"}
+    keys = [c["key"] for c in summary["claims"]]
+    assert {"imitation", "plateau", "past_ceiling", "control", "dpo", "hacking"} <= set(keys), keys
+    assert all(c["supported"] in (True, False, None) and c["text"] for c in summary["claims"])
+    assert rows["ppo_rm"]["gold"]["checks"] >= 2 and rows["sft"]["gold"]["checks"] >= 2
     ppo = json.loads((run_dir / "ppo" / "record.json").read_text())
     assert ppo["recipe"]["values"]["reward_model_path"] == str(run_dir / "reward")
     assert (run_dir / "export" / "model.safetensors").is_file()
@@ -89,11 +99,12 @@ def test_first_run_makes_every_artifact(first):
     # the parents chain through the run folder
     sft = json.loads((run_dir / "sft" / "record.json").read_text())
     assert sft["parent"]["run_id"] == rows["pretrain"]["run_id"]
-    # the control ran for the number of SFT steps that fits GRPO's wall time at SFT's time per step
+    # the control ran for the number of SFT steps that spends GRPO's training FLOPs at SFT's FLOPs per step
     control = summary["control"]
     assert control["matches"] == "grpo" and control["parent"] == "sft" and control["steps"] >= 1
-    assert control["steps"] == control["planned_steps"]
-    assert control["planned_steps"] == max(1, round(rows["grpo"]["wall_seconds"] / control["parent_seconds_per_step"]))
+    assert control["budget"] == "flops" and control["steps"] == control["planned_steps"]
+    assert control["parent_per_step"] == pytest.approx(rows["sft"]["flops"] / rows["sft"]["steps"])
+    assert control["planned_steps"] == max(1, round(rows["grpo"]["flops"] / control["parent_per_step"]))
 
 
 def test_summary_formats_numbers_as_the_card(first):
@@ -103,7 +114,8 @@ def test_summary_formats_numbers_as_the_card(first):
     for stage in STAGE_IDS:
         rec = json.loads((run_dir / stage / "record.json").read_text())
         card_row = card.lineage_rows(rec)[0][-1]  # the card's own row for this stage
-        steps, wall, tokens, flops, dollars, accuracy, own = table[stage]
+        label = stage if stage == rec["stage"] else f"{stage} ({rec['stage']})"
+        steps, wall, tokens, flops, dollars, accuracy, own, kinds = table[label]
         assert (steps, wall, tokens, flops, dollars) == (
             card_row["steps"],
             card_row["wall"],
@@ -196,8 +208,9 @@ def _synthetic_summary(stage: str, matched: str, accuracies: dict[str, float]) -
         "parent": stage,
         "recipe": f"tiny/{stage}",
         "matches": matched,
+        "budget": "wall_time",
         "planned_steps": 10,
-        "parent_seconds_per_step": 6.0,
+        "parent_per_step": 6.0,
     }
     return {
         "name": "t",
@@ -262,7 +275,11 @@ BAD_LIFECYCLES = [
     ("export", "candidate", ["grpo"], ["export", "'candidate'", "Did you mean 'candidates'"]),
     ("export", "dtype", "fp8", ["export", "dtype", "'fp8'"]),
     ("control", "parent", "sfx", ["control", "parent 'sfx'"]),
-    ("control", "match_wall_time_of", "grpx", ["control", "match_wall_time_of 'grpx'"]),
+    ("control", "match_flops_of", "grpx", ["control", "match_flops_of 'grpx'"]),
+    ("control", "match_wall_time_of", "grpo", ["control", "exactly one of match_flops_of", "match_wall_time_of"]),
+    ("claims", "rl", ["grpo", "nope"], ["claims", "['nope']"]),
+    ("claims", "rl_margn", 0.2, ["claims", "rl_margn", "rl_margin"]),
+    ("evaluation", "group_column", None, ["claims", "group_column"]),
     ("control", "stage", "sfft", ["control", "'stage'", "'sfft'"]),
     ("control", "overrides", {"learning_rat": 1.0}, ["control", "learning_rat", "learning_rate"]),
     ("evaluation", "max_new_tokens", "ten", ["evaluation", "max_new_tokens", "int"]),
@@ -332,3 +349,78 @@ def test_never_deletes_outside_the_run_folder(tmp_path):
     with pytest.raises(UsageError, match="outside the run folder"):
         _clear(outside, tmp_path / "run")
     assert (outside / "keep.txt").is_file()
+
+
+# ------------------------------------------------------------------------------------------ claims and seeds
+
+CLAIMS = {
+    "ceiling": "sft", "rl": ["grpo"], "rl_margin": 0.15, "control_margin": 0.10, "flaw_group": "carry",
+    "clean_group": "no_carry", "flaw_margin": 0.20, "dpo": "dpo", "rlhf": ["sft"], "hacking": None, "cutoff": None,
+}  # fmt: skip
+
+
+def _claimed(accuracies: dict[str, float], by_group: dict[str, float]) -> dict[str, dict]:
+    summary = _synthetic_summary("sft", "grpo", accuracies)
+    summary["stages"][0]["by_group"] = by_group
+    summary["claims_spec"] = CLAIMS
+    return {c["key"]: c for c in summaries.claims(summary)}
+
+
+@pytest.mark.parametrize(
+    "grpo, control, past, beats_control",
+    [(0.80, 0.60, True, True), (0.74, 0.60, False, True), (0.80, 0.71, True, False), (0.50, 0.70, False, False)],
+)
+def test_claims_follow_the_numbers_and_their_targets(grpo, control, past, beats_control):
+    got = _claimed({"sft": 0.60, "dpo": 0.7, "grpo": grpo, "control": control}, {"carry": 0.3, "no_carry": 0.9})
+    assert got["past_ceiling"]["supported"] is past and got["control"]["supported"] is beats_control
+    assert f"{100 * grpo:.1f}%" in got["past_ceiling"]["text"] and "60.0%" in got["past_ceiling"]["text"]
+    assert got["imitation"]["supported"] is True and "30.0%" in got["imitation"]["text"]
+    # DPO's FLOPs (1e12) equal the named RLHF stages' here: not fewer, so not supported
+    assert got["dpo"]["supported"] is False
+
+
+def test_imitation_claim_fails_when_the_flaw_is_not_reproduced():
+    got = _claimed({"sft": 0.6, "dpo": 0.7, "grpo": 0.9, "control": 0.6}, {"carry": 0.85, "no_carry": 0.9})
+    assert got["imitation"]["supported"] is False
+
+
+def test_summary_over_seeds_gives_mean_and_min_max_and_each_claims_count():
+    runs = []
+    for grpo in (0.9, 0.8, 0.7):
+        s = _synthetic_summary("sft", "grpo", {"sft": 0.6, "dpo": 0.7, "grpo": grpo, "control": 0.62})
+        s["claims_spec"] = CLAIMS
+        s["claims"] = summaries.claims(s)
+        runs.append(s)
+    out = summaries.with_seeds(runs[0], runs, [42, 43, 44])
+    grpo = out["seeds"]["stages"]["grpo"]
+    assert grpo["mean"] == pytest.approx(0.8) and (grpo["min"], grpo["max"]) == (0.7, 0.9)
+    assert out["seeds"]["claims"]["past_ceiling"] == {"supported": 2, "of": 3}
+    md = summaries.render(out)
+    assert "## Over 3 seeds" in md and "| grpo | 80.0% (70.0%-90.0%) |" in md
+    assert "on 2 of 3 seeds" in md
+
+
+def test_seeds_add_runs_beside_the_first(first, recipe, tmp_path):
+    """`--seeds 2` on a finished run: the first seed is complete and skipped, the second trains in seeds/<seed+1>
+    with every stage's seed raised by one, and the run folder's summary reports both."""
+    run_dir, summary = first
+    copied = tmp_path / "tiny"
+    shutil.copytree(run_dir, copied)
+    assert cli.main(["lifecycle", str(recipe), "--run_dir", str(copied), "--seeds", "2", *_sets(FAST)]) == 0
+    second = copied / "seeds" / "43"
+    rec = json.loads((second / "grpo" / "record.json").read_text())
+    assert rec["recipe"]["values"]["seed"] == 43
+    assert json.loads((copied / "grpo" / "record.json").read_text())["run_id"] == _ids(summary)["grpo"]
+    out = json.loads((copied / "summary.json").read_text())
+    assert out["seeds"]["seeds"] == [42, 43] and out["seeds"]["run_dirs"][1] == str(second)
+    assert len(out["seeds"]["stages"]["sft"]["values"]) == 2
+    assert "## Over 2 seeds" in (copied / "summary.md").read_text()
+    assert cli.main(["lifecycle", str(recipe), "--run_dir", str(copied), "--seeds", "0"]) == 2
+
+
+def _sets(overrides: dict) -> list[str]:
+    out = []
+    for stage, values in overrides.items():
+        for key, value in values.items():
+            out += ["--set", f"{stage}.{key}={json.dumps(value)}"]  # quoted: YAML would read `no` as false
+    return out

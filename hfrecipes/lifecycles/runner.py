@@ -4,10 +4,12 @@ candidate; batched inference on the held-out prompts; the summary (`summary.md`,
 
     hfrecipes lifecycle                       # recipes/tiny/lifecycle.yaml -> runs/tiny/
     hfrecipes lifecycle tiny/lifecycle --force grpo --set grpo.max_steps=100
+    hfrecipes lifecycle --seeds 3             # the recipe's seed in runs/tiny/, seed+1 and seed+2 in runs/tiny/seeds/
 
 A stage reruns when it is forced, when a stage it reads (its parent, a `{id}` placeholder, for the control also the
-stage whose wall time it matches) ran in this invocation, or when its folder has no complete record. Evaluations,
-the export and inference are cached in the run folder against the run id of the stage they were made from.
+stage whose FLOPs or wall time it matches) ran in this invocation, or when its folder has no complete record.
+Evaluations, the export and inference are cached in the run folder against the run id of the stage they were made
+from.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from hfrecipes import record as records
 from hfrecipes.errors import UsageError
 from hfrecipes.lifecycles import summary as summaries
-from hfrecipes.lifecycles.spec import EXPORT, SCORED_STAGES, Lifecycle, StageSpec, load
+from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SCORED_STAGES, SEEDS_DIR, Lifecycle, StageSpec, load
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +116,19 @@ class LifecycleRun:
 
         ev = self.life.evaluation
         rows = _eval_rows(self.life, ev.samples)
+        if ev.group_column and ev.group_column not in rows.column_names:
+            raise UsageError(
+                f"{self.life.source}: evaluation: group_column '{ev.group_column}' is not a column of "
+                f"'{ev.dataset_name}' ({', '.join(rows.column_names)})."
+            )
         model, tok = load_merged(folder)
         tok.padding_side = "left"
+        groups = rows[ev.group_column] if ev.group_column else None
         scored = heldout_accuracy(
-            model, tok, rows[ev.prompt_column], rows[ev.answer_column], ev.metric, ev.max_new_tokens
+            model, tok, rows[ev.prompt_column], rows[ev.answer_column], ev.metric, ev.max_new_tokens, groups=groups
         )
-        result = {**{k: scored[k] for k in ("accuracy", "correct", "total", "metric")}, "run_id": run_id}
+        keep = ("accuracy", "correct", "total", "metric", "by_group")
+        result = {**{k: scored[k] for k in keep if k in scored}, "run_id": run_id}
         self.state["evaluations"][key] = result
         records.atomic_write_text(self.state_path, json.dumps(self.state, indent=2) + "\n")
         logger.info("[%s] %s: held-out accuracy %.1f%%", self.life.name, key, 100 * result["accuracy"])
@@ -128,23 +137,29 @@ class LifecycleRun:
     # ---------------------------------------------------------------------------------------------- control
 
     def control(self, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """Train the control's parent further for as many steps as fill the matched stage's wall time, at the
-        parent's measured time per step (the parent's stage may step faster or slower than the control's: the
-        summary shows the wall time the control actually took beside the one it matched)."""
+        """Train the control's parent further for as many steps as spend the matched stage's training FLOPs (or
+        fill its wall time), at the parent's measured FLOPs (or seconds) per step. The parent's steps may differ in
+        size from the control's: the summary shows what the control actually spent beside what it matched."""
         c = self.life.control
         parent = records.load_record(self.life.root / c.parent)
-        per_step = (parent.compute.wall_seconds or 0.0) / max(parent.metrics.steps or 0, 1)
-        target = rows[c.match_wall_time_of]["wall_seconds"] or 0.0
+        done = max(parent.metrics.steps or 0, 1)
+        if c.budget == "flops":
+            per_step = (parent.compute.flops_6nd or 0.0) / done
+            target = rows[c.matches]["flops"] or 0.0
+        else:
+            per_step = (parent.compute.wall_seconds or 0.0) / done
+            target = rows[c.matches]["wall_seconds"] or 0.0
         steps = max(1, round(target / per_step)) if per_step > 0 else 1
         spec = c.as_stage(steps)
-        rec = self.stage(spec, also_after={c.match_wall_time_of})
+        rec = self.stage(spec, also_after={c.matches})
         row = summaries.row(spec.id, spec.stage, rec, self.evaluate(spec, rec))
         row.update(
             parent=c.parent,
             recipe=c.recipe,
-            matches=c.match_wall_time_of,
+            matches=c.matches,
+            budget=c.budget,
             planned_steps=steps,
-            parent_seconds_per_step=per_step,
+            parent_per_step=per_step,
         )
         return row
 
@@ -195,11 +210,17 @@ class LifecycleRun:
         keys = (
             "engine",
             "prompts",
+            "input_tokens",
             "generated_tokens",
             "wall_seconds",
             "tokens_per_second",
+            "prefill_tokens_per_second",
+            "decode_tokens_per_second",
             "flops_per_token",
             "dollars_per_million_tokens",
+            "dollars_per_million_input_tokens",
+            "dollars_per_million_output_tokens",
+            "output_input_price_ratio",
         )
         result = {**{k: stats[k] for k in keys}, "accuracy": hits / len(gen_rows)}
         records.atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
@@ -211,9 +232,41 @@ def run(
     run_dir: str | Path | None = None,
     force: tuple[str, ...] = (),
     overrides: dict[str, dict[str, Any]] | None = None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
-    """Run (or resume) a lifecycle; returns the summary (also written as summary.json/.md/.png in the run folder)."""
+    """Run (or resume) a lifecycle; returns the summary (also written as summary.json/.md/.png in the run folder).
+
+    `seeds` > 1 runs the whole lifecycle again with every stage's `seed` raised by 1, 2, ...: the recipe's own seed
+    in the run folder, the others in `<run_dir>/seeds/<seed>/`; the run folder's summary then adds the mean and the
+    min-max of every stage over the seeds, and checks its claims on each seed."""
+    if seeds < 1:
+        raise UsageError(f"--seeds {seeds}: run at least one seed.")
     life = load(recipe, run_dir, overrides, force)
+    if seeds == 1:
+        return _run_one(life, force)
+    base = _recipe_seed(life)
+    summaries_by_seed = [_run_one(life, force)]
+    for k in range(1, seeds):
+        extra = {key: dict(value) for key, value in (overrides or {}).items()}
+        extra.setdefault(EVERY_STAGE, {})["seed"] = base + k
+        seeded = load(recipe, life.root / SEEDS_DIR / str(base + k), extra, force)
+        summaries_by_seed.append(_run_one(seeded, force))
+    summary = summaries.with_seeds(summaries_by_seed[0], summaries_by_seed, [base + k for k in range(seeds)])
+    summaries.write(life.root, summary)
+    logger.info("[%s] summary over %d seeds: %s", life.name, seeds, life.root / "summary.md")
+    return summary
+
+
+def _recipe_seed(life: Lifecycle) -> int:
+    """The seed the recipe's first stage trains with, which the extra seeds count up from."""
+    from hfrecipes.runner import parse_stage_args
+
+    first = life.stages[0]
+    _, resolved = parse_stage_args(first.stage, first.recipe, **life.stage_kwargs(first))
+    return int(resolved["values"].get("seed", 42))
+
+
+def _run_one(life: Lifecycle, force: tuple[str, ...]) -> dict[str, Any]:
     started = time.perf_counter()
     life.root.mkdir(parents=True, exist_ok=True)
     this = LifecycleRun(life, tuple(force))

@@ -62,6 +62,9 @@ class EvaluationSpec:
     metric: str = "answer_accuracy"
     max_new_tokens: int = 32
     samples: int | None = field(default=None, metadata={"help": "evaluate on the first N rows only"})
+    group_column: str | None = field(
+        default=None, metadata={"help": "a column of kinds of problem (e.g. `kind`): accuracy also by kind"}
+    )
 
 
 @dataclass
@@ -83,15 +86,25 @@ class InferenceSpec:
 
 @dataclass
 class ControlSpec:
-    """The honest control: `parent` trained further with `recipe`, for as many steps as fill the wall time that
-    stage `match_wall_time_of` took, at `parent`'s measured time per step."""
+    """The honest control: `parent` trained further with `recipe`, for as many steps as spend the training FLOPs
+    (6·N·D) stage `match_flops_of` spent, at `parent`'s FLOPs per step; or, with `match_wall_time_of`, as many as
+    fill that stage's wall time at `parent`'s time per step. Exactly one of the two is set."""
 
     id: str
     recipe: str
     parent: str
-    match_wall_time_of: str
+    match_flops_of: str | None = field(default=None, metadata={"help": "a stage id whose training FLOPs to spend"})
+    match_wall_time_of: str | None = field(default=None, metadata={"help": "a stage id whose wall time to fill"})
     stage: str = field(default="sft", metadata={"choices": tuple(STAGES)})
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def matches(self) -> str:
+        return self.match_flops_of or self.match_wall_time_of
+
+    @property
+    def budget(self) -> str:
+        return "flops" if self.match_flops_of else "wall_time"
 
     def as_stage(self, max_steps: int) -> StageSpec:
         return StageSpec(
@@ -101,6 +114,31 @@ class ControlSpec:
             parent=self.parent,
             overrides={**self.overrides, "max_steps": max_steps},
         )
+
+
+@dataclass
+class ClaimsSpec:
+    """What the summary checks this run against: one line per claim saying whether the numbers support it. A claim
+    whose stages are unset is not checked."""
+
+    ceiling: str | None = field(default=None, metadata={"help": "the SFT stage whose accuracy is the ceiling"})
+    rl: list[str] = field(default_factory=list, metadata={"help": "RL stages expected to pass the ceiling"})
+    rl_margin: float = field(default=0.15, metadata={"help": "the best RL stage's lead over the ceiling"})
+    control_margin: float = field(default=0.10, metadata={"help": "the best RL stage's lead over the control"})
+    flaw_group: str | None = field(default=None, metadata={"help": "the kind of problem the demonstrations get wrong"})
+    clean_group: str | None = field(default=None, metadata={"help": "the kind they get right"})
+    flaw_margin: float = field(default=0.20, metadata={"help": "how far below the clean kind the flawed one stays"})
+    dpo: str | None = field(default=None, metadata={"help": "the DPO stage, compared with reward model + PPO"})
+    rlhf: list[str] = field(default_factory=list, metadata={"help": "the reward-model and PPO stages beside it"})
+    hacking: str | None = field(default=None, metadata={"help": "the stage whose gold check should catch hacking"})
+    cutoff: str | None = field(default=None, metadata={"help": "the stage whose knowledge probe shows the cutoff"})
+
+    def ids(self) -> list[str]:
+        one = [self.ceiling, self.dpo, self.hacking, self.cutoff]
+        return [i for i in one if i] + list(self.rl) + list(self.rlhf)
+
+
+SEEDS_DIR = "seeds"  # where `--seeds N` runs every seed after the first: <run_dir>/seeds/<seed>/
 
 
 @dataclass
@@ -114,6 +152,7 @@ class Lifecycle:
     export: ExportSpec | None = None
     inference: InferenceSpec | None = None
     control: ControlSpec | None = None
+    claims: ClaimsSpec | None = None
     source: str = field(default="", init=False)  # the recipe file, for messages and the summary
 
     @property
@@ -158,8 +197,10 @@ def _one_of(value: str, allowed: tuple[str, ...], where: str) -> None:
 def _id(value: str, where: str, taken: set[str]) -> None:
     if value in taken:
         raise UsageError(f"{where}: id '{value}' is used twice; every stage and the control need their own.")
-    if value in (EXPORT, EVERY_STAGE) or Path(value).name != value or value in (".", ".."):
-        raise UsageError(f"{where}: id '{value}' cannot name a stage folder; use a plain name other than 'export'.")
+    if value in (EXPORT, EVERY_STAGE, SEEDS_DIR) or Path(value).name != value or value in (".", ".."):
+        raise UsageError(
+            f"{where}: id '{value}' cannot name a stage folder; use a plain name other than 'export' and 'seeds'."
+        )
 
 
 def _extra_overrides(extra: Any, known: set[str], src: str) -> dict[str, dict[str, Any]]:
@@ -209,11 +250,15 @@ def load(
         control = _block(ControlSpec, raw["control"], f"{src}: control")
     if control:
         _id(control.id, f"{src}: control", set(ids))
-        for key in ("parent", "match_wall_time_of"):
-            if getattr(control, key) not in ids:
-                raise UsageError(
-                    f"{src}: control: {key} '{getattr(control, key)}' is not a stage id ({', '.join(ids)})."
-                )
+        if (control.match_flops_of is None) == (control.match_wall_time_of is None):
+            raise UsageError(
+                f"{src}: control: set exactly one of match_flops_of (the same training FLOPs) and "
+                "match_wall_time_of (the same wall time), naming the stage to match."
+            )
+        for key in ("parent", "match_flops_of", "match_wall_time_of"):
+            value = getattr(control, key)
+            if value is not None and value not in ids:
+                raise UsageError(f"{src}: control: {key} '{value}' is not a stage id ({', '.join(ids)}).")
 
     extra = _extra_overrides(overrides, set(ids) | ({control.id} if control else set()), src)
     for spec in stages + ([control] if control else []):
@@ -266,6 +311,19 @@ def load(
         if not evaluation.dataset_name:
             raise UsageError(f"{src}: inference answers the evaluation split's prompts; set evaluation: dataset_name.")
 
+    claims = None
+    if raw.get("claims") is not None:
+        claims = _block(ClaimsSpec, raw["claims"], f"{src}: claims")
+        all_ids = set(ids) | ({control.id} if control else set())
+        bad = [i for i in claims.ids() if i not in all_ids]
+        if bad:
+            raise UsageError(f"{src}: claims: {bad} are not stage ids of this lifecycle ({', '.join(ids)}).")
+        if (claims.flaw_group or claims.clean_group) and not evaluation.group_column:
+            raise UsageError(
+                f"{src}: claims: flaw_group and clean_group are kinds of problem, but 'evaluation' has no "
+                "group_column; set one (e.g. kind)."
+            )
+
     known = set(ids) | ({control.id} if control else set()) | ({EXPORT} if export else set())
     bad = [f for f in force if f not in known]
     if bad:
@@ -280,6 +338,7 @@ def load(
         export=export,
         inference=inference,
         control=control,
+        claims=claims,
     )
     life.source = src
     # every stage recipe parses strictly with its final overrides; the control's step count is set when it runs

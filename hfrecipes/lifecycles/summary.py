@@ -1,13 +1,20 @@
 """The lifecycle summary: one row per stage read from its record (`Record.parse`), the lifecycle's held-out accuracy
 beside the stage's own held-out evaluation (`metrics.heldout`), the control, export and inference; written as
 `summary.json` (everything), `summary.md` (`cards/summary.md`, numbers formatted by the card's own formatters, so a
-number reads the same in the summary and in the stage's card) and `summary.png` (held-out accuracy by stage).
+number reads the same in the summary and in the stage's card) and `summary.png` (held-out accuracy by stage, the SFT
+ceiling drawn, the seed spread where there are several seeds).
+
+Above the table, one line per claim of the recipe's `claims` block says whether this run's numbers support it: SFT
+reproduces its demonstrations' flaw; RL passes the SFT ceiling; more SFT for the same FLOPs does not; DPO costs less
+than reward model + PPO; the gold check catches a policy gaming its reward model; the model knows the facts before
+its knowledge cutoff and not those after; output tokens cost more than input tokens.
 
     hfrecipes lifecycle        # writes runs/tiny/summary.md
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -26,6 +33,30 @@ def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _gold(r: Record) -> dict[str, Any] | None:
+    """The stage's gold check (`hfrecipes.gold`) without its history: best, hacking, why it stopped, what it kept;
+    the first and last checks' proxy and gold beside them."""
+    gold = r.metrics.extra.get("gold")
+    if not isinstance(gold, dict):
+        return None
+    history = gold.get("history") or []
+    keep = ("metric", "best", "hacking", "stopped", "kept_step", "every")
+    return {
+        **{k: gold.get(k) for k in keep},
+        "checks": len(history),
+        "first": history[0] if history else None,
+        "last": history[-1] if history else None,
+    }
+
+
+def _probe(r: Record) -> dict[str, Any] | None:
+    """The knowledge-cutoff probe the stage recorded (`hfrecipes.probe`), if any."""
+    for block in (r.data.extra, r.metrics.extra, r.data.knowledge_cutoff or {}):
+        if isinstance(block.get("knowledge_probe"), dict):
+            return block["knowledge_probe"]
+    return None
+
+
 def row(stage_id: str, stage: str, rec: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
     """A stage's numbers as its record holds them, with the lifecycle's held-out accuracy of its folder."""
     r = Record.parse(rec, f"{stage_id}/{records.RECORD}")
@@ -40,7 +71,10 @@ def row(stage_id: str, stage: str, rec: dict[str, Any], evaluation: dict[str, An
         "flops": r.compute.flops_6nd,
         "dollars": r.compute.dollars,
         "heldout_accuracy": evaluation.get("accuracy"),
+        "by_group": {k: v.get("accuracy") for k, v in (evaluation.get("by_group") or {}).items()} or None,
         "heldout": heldout.to_dict() if heldout is not None else None,
+        "gold": _gold(r),
+        "probe": _probe(r),
     }
 
 
@@ -60,11 +94,12 @@ def build(
     for key in SUMMED:
         values = [r[key] for r in rows if r[key] is not None]
         total[key] = sum(values) if values else None
-    return {
+    summary = {
         "name": life.name,
         "recipe": life.source,
         "run_dir": str(life.root),
         "metric": life.evaluation.metric if life.evaluation.dataset_name else None,
+        "group_column": life.evaluation.group_column,
         "start": start,
         "stages": rows,
         "control": control,
@@ -73,6 +108,191 @@ def build(
         "ran_this_time": ran,
         "wall_seconds_this_time": round(wall_seconds, 1),
         "total": total,
+        "claims_spec": dataclasses.asdict(life.claims) if life.claims else None,
+    }
+    summary["claims"] = claims(summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ claims
+
+
+def _acc(r: dict[str, Any] | None) -> float | None:
+    return None if r is None else r["heldout_accuracy"]
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f} points"
+
+
+def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per claim the recipe names: `key`, `text` (the numbers, in words) and `supported` (True, False,
+    or None where this run did not measure what the claim needs)."""
+    spec = summary.get("claims_spec")
+    if not spec:
+        return []
+    rows = {r["id"]: r for r in summary["stages"]}
+    control = summary["control"]
+    if control:
+        rows[control["id"]] = control
+    out: list[dict[str, Any]] = []
+
+    def claim(key: str, text: str, supported: bool | None) -> None:
+        out.append({"key": key, "text": text, "supported": supported})
+
+    ceiling = rows.get(spec["ceiling"]) if spec["ceiling"] else None
+    if ceiling and spec["flaw_group"] and spec["clean_group"]:
+        groups = ceiling.get("by_group") or {}
+        flaw, clean = groups.get(spec["flaw_group"]), groups.get(spec["clean_group"])
+        ok = None if flaw is None or clean is None else clean - flaw >= spec["flaw_margin"]
+        claim(
+            "imitation",
+            f"SFT imitates its demonstrations, flaw included: `{ceiling['id']}` scores {pct(flaw)} on "
+            f"{spec['flaw_group']} problems, where its demonstrations are flawed, and {pct(clean)} on "
+            f"{spec['clean_group']} problems (a gap of at least {_points(spec['flaw_margin'])[1:]} expected).",
+            ok,
+        )
+    if ceiling and ceiling.get("gold"):
+        gold = ceiling["gold"]
+        best = gold.get("best") or {}
+        ok = gold.get("stopped") == "plateau"
+        how = f"stopped at step {ceiling['steps']}" if ok else f"ran all {ceiling['steps']} steps without stopping"
+        claim(
+            "plateau",
+            f"SFT trained to its plateau: validation {gold.get('metric') or 'accuracy'} stopped improving "
+            f"(best {pct(best.get('gold'))} at step {best.get('step')}); it {how}.",
+            ok,
+        )
+    rl = [rows[i] for i in spec["rl"] if i in rows and _acc(rows[i]) is not None]
+    best_rl = max(rl, key=_acc) if rl else None
+    if ceiling and best_rl and _acc(ceiling) is not None:
+        gain = _acc(best_rl) - _acc(ceiling)
+        claim(
+            "past_ceiling",
+            f"RL passes the SFT ceiling: `{best_rl['id']}` reaches {pct(_acc(best_rl))} against `{ceiling['id']}`'s "
+            f"{pct(_acc(ceiling))}, {_points(gain)} (target {_points(spec['rl_margin'])}).",
+            gain >= spec["rl_margin"] - 1e-9,
+        )
+    if control and best_rl and _acc(control) is not None:
+        lead = _acc(best_rl) - _acc(control)
+        budget = "training FLOPs" if control.get("budget") == "flops" else "wall time"
+        claim(
+            "control",
+            f"More SFT does not get there: the control `{control['id']}` spent `{control['matches']}`'s {budget} "
+            f"({FORMATS['si'](control['flops'])} FLOPs, {FORMATS['duration'](control['wall_seconds'])}) on more "
+            f"imitation and reached {pct(_acc(control))}; `{best_rl['id']}` leads it by {_points(lead)} "
+            f"(target {_points(spec['control_margin'])}).",
+            lead >= spec["control_margin"] - 1e-9,
+        )
+    dpo, rlhf = rows.get(spec["dpo"]) if spec["dpo"] else None, [rows[i] for i in spec["rlhf"] if i in rows]
+    if dpo and rlhf:
+        flops = [r["flops"] for r in rlhf]
+        walls = [r["wall_seconds"] for r in rlhf]
+        rlhf_flops = sum(flops) if None not in flops else None
+        rlhf_wall = sum(walls) if None not in walls else None
+        names = " + ".join(f"`{r['id']}`" for r in rlhf)
+        last = rlhf[-1]
+        ok = None if dpo["flops"] is None or rlhf_flops is None else dpo["flops"] < rlhf_flops
+        claim(
+            "dpo",
+            f"DPO aligns for less: `{dpo['id']}` took {FORMATS['si'](dpo['flops'])} FLOPs and "
+            f"{FORMATS['duration'](dpo['wall_seconds'])} to reach {pct(_acc(dpo))}; {names} took "
+            f"{FORMATS['si'](rlhf_flops)} FLOPs and {FORMATS['duration'](rlhf_wall)} to reach {pct(_acc(last))}.",
+            ok,
+        )
+    hacked = rows.get(spec["hacking"]) if spec["hacking"] else None
+    if hacked:
+        gold = hacked.get("gold") or {}
+        flag = gold.get("hacking")
+        if flag:
+            kept = gold.get("kept_step")
+            text = (
+                f"A reward model can be gamed, and the gold check catches it: `{hacked['id']}` (PPO against the "
+                f"reward model alone) raised its proxy reward to {FORMATS['num'](flag.get('proxy'))} (from "
+                f"{FORMATS['num'](flag.get('proxy_at_best'))} at its best gold check) while gold accuracy fell from "
+                f"{pct(flag.get('best_gold'))} to {pct(flag.get('gold'))}; flagged at step {flag.get('step')}"
+                + (", training stopped" if gold.get("stopped") == "reward_hacking" else "")
+                + (f", the weights of step {kept} kept" if kept is not None else "")
+                + f"; held-out {pct(_acc(hacked))}."
+            )
+        else:
+            text = (
+                f"A reward model can be gamed: `{hacked['id']}`'s gold check flagged no hacking in "
+                f"{gold.get('checks', 0)} checks (held-out {pct(_acc(hacked))})."
+            )
+        claim("hacking", text, bool(flag) if gold else None)
+    cut = rows.get(spec["cutoff"]) if spec["cutoff"] else None
+    probe = (cut or {}).get("probe")
+    if probe:
+        before, after, chance = probe.get("before") or {}, probe.get("after") or {}, probe.get("chance")
+        ok = None
+        if before.get("accuracy") is not None and after.get("accuracy") is not None and chance is not None:
+            ok = before["accuracy"] >= 0.5 and after["accuracy"] <= 2 * chance
+        claim(
+            "cutoff",
+            f"Nothing after the cutoff is known: `{cut['id']}` (cutoff {probe.get('cutoff')}) knows "
+            f"{before.get('known')}/{before.get('total')} facts dated before it and {after.get('known')}/"
+            f"{after.get('total')} dated after (chance {pct(chance)}; supported when at least half before and at "
+            "most twice chance after).",
+            ok,
+        )
+    inf = summary.get("inference") or {}
+    ratio = inf.get("output_input_price_ratio")
+    if ratio is not None:
+        claim(
+            "output_tokens",
+            f"Output tokens cost more than input tokens: serving the export ({inf.get('engine')}), a generated token "
+            f"costs {FORMATS['money'](inf.get('dollars_per_million_output_tokens'))} per million, a prompt token "
+            f"{FORMATS['money'](inf.get('dollars_per_million_input_tokens'))}: {ratio:.1f}x (decode runs a step "
+            "per token; prefill reads a whole prompt in one).",
+            ratio > 1,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- seeds
+
+
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    got = [v for v in values if v is not None]
+    if not got:
+        return {"mean": None, "min": None, "max": None, "values": values}
+    return {"mean": sum(got) / len(got), "min": min(got), "max": max(got), "values": values}
+
+
+def with_seeds(first: dict[str, Any], runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """The first seed's summary plus `seeds`: every stage's held-out accuracy (and by kind) as mean and min-max over
+    the seeds, and each claim's verdict on every seed."""
+    ids = [r["id"] for r in first["stages"]] + ([first["control"]["id"]] if first["control"] else [])
+
+    def rows_of(summary):
+        out = {r["id"]: r for r in summary["stages"]}
+        if summary["control"]:
+            out[summary["control"]["id"]] = summary["control"]
+        return out
+
+    by_seed = [rows_of(s) for s in runs]
+    stages = {}
+    for i in ids:
+        got = [rows.get(i) for rows in by_seed]
+        groups = sorted({g for r in got if r and r.get("by_group") for g in r["by_group"]})
+        stages[i] = {
+            **_spread([r["heldout_accuracy"] if r else None for r in got]),
+            "by_group": {g: _spread([(r.get("by_group") or {}).get(g) if r else None for r in got]) for g in groups},
+            "steps": _spread([r["steps"] if r else None for r in got]),
+        }
+    verdicts: dict[str, list[bool | None]] = {}
+    for s in runs:
+        for c in s.get("claims") or []:
+            verdicts.setdefault(c["key"], []).append(c["supported"])
+    return {
+        **first,
+        "seeds": {
+            "seeds": seeds,
+            "run_dirs": [s["run_dir"] for s in runs],
+            "stages": stages,
+            "claims": {k: {"supported": sum(v is True for v in vs), "of": len(vs)} for k, vs in verdicts.items()},
+        },
     }
 
 
@@ -97,6 +317,7 @@ def render(summary: dict[str, Any]) -> str:
         matched=stages[control["matches"]] if control else None,
         parent=stages[control["parent"]] if control else None,
         better=_compare(control, stages[control["matches"]]) if control else None,
+        groups=sorted({g for r in summary["stages"] for g in (r.get("by_group") or {})}),
         pct=pct,
         **FORMATS,
     )
@@ -115,6 +336,8 @@ def write(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def _chart(summary: dict[str, Any]) -> bytes | None:
+    """Held-out accuracy by stage: the mean over seeds with its min-max where there are several, the SFT ceiling as
+    a dashed line across, the control in grey beside the stages."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -123,16 +346,33 @@ def _chart(summary: dict[str, Any]) -> bytes | None:
     rows = [r for r in rows if r["heldout_accuracy"] is not None]
     if not rows:
         return None
-    fig = Figure(figsize=(7, 3.2), dpi=110)
+    seeds = (summary.get("seeds") or {}).get("stages") or {}
+    spec = summary.get("claims_spec") or {}
+    control_id = summary["control"]["id"] if summary["control"] else None
+    fig = Figure(figsize=(7.5, 3.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    values = [100 * r["heldout_accuracy"] for r in rows]
-    ax.bar([r["id"] for r in rows], values, color="#4C72B0")
-    for i, (r, v) in enumerate(zip(rows, values, strict=True)):
-        ax.text(i, v + 1, pct(r["heldout_accuracy"]), ha="center", fontsize=8)
+    means = [100 * (seeds[r["id"]]["mean"] if r["id"] in seeds else r["heldout_accuracy"]) for r in rows]
+    colors = ["#999999" if r["id"] == control_id else "#DD8452" if r["id"] in spec.get("rl", []) else "#4C72B0"
+              for r in rows]  # fmt: skip
+    ax.bar([r["id"] for r in rows], means, color=colors)
+    if seeds:
+        low = [m - 100 * seeds[r["id"]]["min"] if r["id"] in seeds else 0 for r, m in zip(rows, means, strict=True)]
+        high = [100 * seeds[r["id"]]["max"] - m if r["id"] in seeds else 0 for r, m in zip(rows, means, strict=True)]
+        ax.errorbar(range(len(rows)), means, yerr=[low, high], fmt="none", ecolor="black", capsize=3, lw=1)
+    for i, v in enumerate(means):
+        ax.text(i, min(v + 2, 101), f"{v:.1f}%", ha="center", fontsize=7)
+    ceiling = next((r for r in rows if r["id"] == spec.get("ceiling")), None)
+    if ceiling is not None:
+        level = means[rows.index(ceiling)]
+        ax.axhline(level, ls="--", color="#C44E52", lw=1)
+        ax.text(len(rows) - 0.5, level + 1.5, f"SFT ceiling {level:.1f}%", ha="right", fontsize=7, color="#C44E52")
     ax.set_ylabel(f"held-out {summary['metric'] or 'accuracy'} (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"lifecycle {summary['name']}: held-out task accuracy by stage")
+    ax.set_ylim(0, 108)
+    ax.tick_params(axis="x", labelsize=7)
+    n = len((summary.get("seeds") or {}).get("seeds") or [None])
+    spread = f", mean and min-max of {n} seeds" if n > 1 else ", one seed"
+    ax.set_title(f"lifecycle {summary['name']}: held-out accuracy by stage{spread}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
