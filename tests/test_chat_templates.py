@@ -220,11 +220,13 @@ def test_sft_on_a_chatml_template_trains_the_replies_and_saves_the_models_templa
 
     tok = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    flawed = task.flawed(task.split_pairs()["sft"])  # the annotators' replies, their dropped carries included
     for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
         text = tok.decode(ids[ids != tok.pad_token_id])
         assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), text
         a, b = (int(x) for x in text.split("What is ")[1].split("?")[0].split(" plus "))
-        assert tok.decode(ids[labels != -100]) == task.answer(a, b) + "<|im_end|>", text
+        written = task.answer(a, b, task.dropped_carry(a, b)) if (a, b) in flawed else task.answer(a, b)
+        assert tok.decode(ids[labels != -100]) == written + "<|im_end|>", text
 
     assert tok.chat_template == SMOLLM2
     assert (out / "chat_template.jinja").read_text(encoding="utf-8") == SMOLLM2

@@ -217,6 +217,7 @@ def test_sft_stops_at_its_gold_plateau(tiny_sft, tmp_path):
         **GOLD,
         gold_every=10,
         gold_patience=2,
+        gold_min_steps=0,
         gold_keep_best=True,
     )
     m = out.record["metrics"]

@@ -406,11 +406,12 @@ def test_seeds_add_runs_beside_the_first(first, recipe, tmp_path):
     run_dir, summary = first
     copied = tmp_path / "tiny"
     shutil.copytree(run_dir, copied)
+    first_grpo = json.loads((copied / "grpo" / "record.json").read_text())["run_id"]  # earlier tests may --force it
     assert cli.main(["lifecycle", str(recipe), "--run_dir", str(copied), "--seeds", "2", *_sets(FAST)]) == 0
     second = copied / "seeds" / "43"
     rec = json.loads((second / "grpo" / "record.json").read_text())
     assert rec["recipe"]["values"]["seed"] == 43
-    assert json.loads((copied / "grpo" / "record.json").read_text())["run_id"] == _ids(summary)["grpo"]
+    assert json.loads((copied / "grpo" / "record.json").read_text())["run_id"] == first_grpo
     out = json.loads((copied / "summary.json").read_text())
     assert out["seeds"]["seeds"] == [42, 43] and out["seeds"]["run_dirs"][1] == str(second)
     assert len(out["seeds"]["stages"]["sft"]["values"]) == 2
