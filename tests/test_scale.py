@@ -122,14 +122,15 @@ def test_a_launched_stage_refuses_before_any_model_loads(env, overrides, words, 
 
 ENGINES = ["ddp", "zero2", "zero3", "fsdp2"]
 GLOBAL_BATCH = 8
-# The tiny recipes' gold check (and SFT's best-gold weights, refused under ZeRO-3/FSDP) is off here: these runs compare
-# the engines' training; the gold check under sharded engines is not tested.
+# The tiny recipes' gold check (and SFT's best-gold weights, refused under ZeRO-3/FSDP) and the pretrain's knowledge
+# probe are off here: these runs compare the engines' training. Under FSDP2 the probe's forward after training leaves
+# the parameters unsharded and the save fails; neither it nor the gold check is tested under sharded engines.
 NO_GOLD = dict(gold_dataset_name=None, gold_patience=None, gold_keep_best=False)
 COMMON = dict(max_steps=2, logging_steps=1, save_strategy="no", dataset_test_split="", max_train_samples=64, seed=3)
 # Continued pretraining starts every engine from the same weights (a random init drawn under ZeRO-3's partitioned
 # zero.Init differs from one process's draw, so from scratch the runs would not be comparable step by step).
 STAGES = {
-    "pretrain": dict(recipe="tiny/pretrain", train_tokenizer=False, max_train_samples=256),
+    "pretrain": dict(recipe="tiny/pretrain", train_tokenizer=False, max_train_samples=256, knowledge_probe=None),
     "sft": dict(recipe="tiny/sft", max_length=64, **NO_GOLD),
     "reward": dict(recipe="tiny/reward", max_length=64),
     "dpo": dict(recipe="tiny/dpo", max_length=64, loss_type=["sigmoid"], loss_weights=[1.0]),
