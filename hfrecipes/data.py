@@ -114,22 +114,15 @@ class ScriptArguments(trl.ScriptArguments):
                     'dataset_columns must be a mapping such as \'{"text": "content"}\', '
                     f"got {self.dataset_columns!r}"
                 ) from None
-        if self.knowledge_cutoff is not None:
+        for key in ("knowledge_cutoff", "dataset_max_date"):
+            value = getattr(self, key)
+            if value is None:
+                continue
             try:
-                dt.date.fromisoformat(str(self.knowledge_cutoff))
+                dt.date.fromisoformat(str(value))
             except ValueError:
-                raise ValueError(
-                    f"knowledge_cutoff must be a date YYYY-MM-DD, got {self.knowledge_cutoff!r}"
-                ) from None
-            self.knowledge_cutoff = str(self.knowledge_cutoff)
-        if self.dataset_max_date is not None:
-            try:
-                dt.date.fromisoformat(str(self.dataset_max_date))
-            except ValueError:
-                raise ValueError(
-                    f"dataset_max_date must be a date YYYY-MM-DD, got {self.dataset_max_date!r}"
-                ) from None
-            self.dataset_max_date = str(self.dataset_max_date)
+                raise ValueError(f"{key} must be a date YYYY-MM-DD, got {value!r}") from None
+            setattr(self, key, str(value))
         if self.cost_device is not None:
             from hfrecipes.costs import DEVICES, device_key
 
