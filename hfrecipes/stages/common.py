@@ -165,10 +165,15 @@ def frozen_for_engine(accelerator, model):
 def whole_weights(model, trainer=None):
     """`model` with its whole weights on this process, to generate held-out replies. Under ZeRO-3 every process
     must enter together: before training (no `trainer`) the weights zero.Init partitioned are gathered; after it, the
-    engine's, through TRL's `unwrap_model_for_generation`. Other engines need nothing (FSDP gathers each layer in its
-    forward)."""
+    engine's, through TRL's `unwrap_model_for_generation`. FSDP gathers each layer in its forward, but FSDP2 leaves
+    the root module's weights (embeddings, final norm) gathered after a forward with no backward, expecting one; a
+    later save's resharding hook then fails on that storage, so every FSDP2 module is resharded on the way out."""
     if engines.requested() != "zero3":
-        yield model if trainer is None else trainer.accelerator.unwrap_model(trainer.model)
+        whole = model if trainer is None else trainer.accelerator.unwrap_model(trainer.model)
+        try:
+            yield whole
+        finally:
+            _reshard(whole)
         return
     if trainer is None:
         import deepspeed
@@ -180,3 +185,12 @@ def whole_weights(model, trainer=None):
 
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as unwrapped:
         yield unwrapped
+
+
+def _reshard(model) -> None:
+    """Free the gathered weights FSDP2 keeps after a forward (a no-op on other engines)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

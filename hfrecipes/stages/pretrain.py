@@ -19,6 +19,7 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages.common import whole_weights
 
 STAGE = "pretrain"
 COLUMNS = [["text"]]
@@ -195,7 +196,8 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     result = run.train(trainer)
     eval_metrics = trainer.evaluate() if eval_ds is not None and len(eval_ds) > 0 else {}
     if facts is not None:  # every process scores (a sharded model needs them all); the main one records it
-        found = probe.probe(trainer.model, tokenizer, facts, stage_cutoff["date"])
+        with whole_weights(trainer.model, trainer) as whole:
+            found = probe.probe(whole, tokenizer, facts, stage_cutoff["date"])
         stage_cutoff["knowledge_probe"] = {"dataset": training_args.knowledge_probe, **found}
 
     # Save: model, tokenizer; record and card on the main process.
