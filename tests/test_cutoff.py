@@ -251,11 +251,12 @@ def test_the_stage_records_the_probe_and_the_card_shows_it(tiny_pretrained):
     assert cutoff["date"] == CUTOFF and cutoff["max_date"] == CUTOFF and cutoff["dropped"] > 5000
     found = cutoff["knowledge_probe"]
     assert found["dataset"] == "tiny:facts" and found["cutoff"] == CUTOFF
-    assert found["before"]["total"] == 24 and found["after"]["total"] == 8
+    assert (found["before"]["total"], found["after"]["total"]) == (corpus.N_FACTS_BEFORE, corpus.N_FACTS_AFTER)
     assert math.isclose(found["chance"], 1 / 6)
     assert tiny_pretrained.record["data"]["model_cutoff"]["knowledge_probe"] == found  # later stages inherit it
-    card = (tiny_pretrained.output_dir / "README.md").read_text()
-    line = f"{found['before']['known']}/24 facts dated before\nthe cutoff known, {found['after']['known']}/8 after"
+    card = " ".join((tiny_pretrained.output_dir / "README.md").read_text().split())  # as read, not as wrapped
+    before, after = (f"{found[k]['known']}/{found[k]['total']}" for k in ("before", "after"))
+    line = f"{before} facts dated before the cutoff known, {after} after"
     assert line in card and "(chance 1/6)" in card
 
 

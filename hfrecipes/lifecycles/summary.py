@@ -50,11 +50,9 @@ def _gold(r: Record) -> dict[str, Any] | None:
 
 
 def _probe(r: Record) -> dict[str, Any] | None:
-    """The knowledge-cutoff probe the stage recorded (`hfrecipes.probe`), if any."""
-    for block in (r.data.extra, r.metrics.extra, r.data.knowledge_cutoff or {}):
-        if isinstance(block.get("knowledge_probe"), dict):
-            return block["knowledge_probe"]
-    return None
+    """The knowledge-cutoff probe the stage recorded beside its cutoff (`hfrecipes.probe`), if any."""
+    found = (r.data.knowledge_cutoff or {}).get("knowledge_probe")
+    return found if isinstance(found, dict) else None
 
 
 def row(stage_id: str, stage: str, rec: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
