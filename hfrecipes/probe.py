@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,8 @@ def load_facts(name: str, seed: int = 0) -> list[dict[str, Any]]:
 
 def tally(rows: list[dict[str, Any]], scores: list[list[float]], cutoff: str) -> dict[str, Any]:
     """Known facts before (dated on or before `cutoff`) and after it, from each row's choice scores; chance is the
-    mean of 1/len(choices). Pure arithmetic: no model."""
+    mean of 1/len(choices); `top_choice`: the choice that scores highest in the most rows (the first of a tie), and
+    in how many. Pure arithmetic: no model."""
     limit = dt.date.fromisoformat(cutoff)
     sides = {"before": [0, 0], "after": [0, 0]}
     for row, row_scores in zip(rows, scores, strict=True):
@@ -70,7 +72,17 @@ def tally(rows: list[dict[str, Any]], scores: list[list[float]], cutoff: str) ->
         side[0] += known
         side[1] += 1
     out = {key: {"known": k, "total": n, "accuracy": k / n if n else None} for key, (k, n) in sides.items()}
-    return {"cutoff": cutoff, **out, "chance": sum(1 / len(r["choices"]) for r in rows) / len(rows)}
+    # A model that learnt only how common each answer is ranks the choices the same for every fact: its favourite
+    # then tops (nearly) every row, and it "knows" just the facts whose answer that is.
+    firsts = (max(range(len(sc)), key=sc.__getitem__) for sc in scores)
+    tops = Counter(row["choices"][i] for row, i in zip(rows, firsts, strict=True))
+    favourite, count = tops.most_common(1)[0]
+    return {
+        "cutoff": cutoff,
+        **out,
+        "chance": sum(1 / len(r["choices"]) for r in rows) / len(rows),
+        "top_choice": {"choice": favourite, "rows": count, "total": len(rows)},
+    }
 
 
 def _encode(tok, text: str) -> list[int]:

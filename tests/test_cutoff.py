@@ -168,16 +168,17 @@ ROWS = [
     {"prompt": "p3", "answer": "a", "choices": ["a", "b", "c", "d"], "date": "2026-01-01"},
 ]
 TALLY_CASES = [
-    # scores per row, known before, known after
-    ([[0, -1], [0, -1], [-9, -9, 0, -9], [0, -1, -2, -3]], 1, 2),
-    ([[-1, 0], [-1, 0], [0, 0, 0, 0], [-1, 0, 0, 0]], 1, 0),  # a tie is not known
-    ([[5, 1], [1, 5], [1, 1, 2, 1], [3, 2, 1, 0]], 2, 2),
+    # scores per row, known before, known after, the choice topping the most rows and in how many
+    ([[0, -1], [0, -1], [-9, -9, 0, -9], [0, -1, -2, -3]], 1, 2, ("a", 3)),  # "a" first everywhere but p2
+    ([[-1, 0], [-1, 0], [0, 0, 0, 0], [-1, 0, 0, 0]], 1, 0, ("b", 3)),  # a tie is not known
+    ([[5, 1], [1, 5], [1, 1, 2, 1], [3, 2, 1, 0]], 2, 2, ("a", 2)),
 ]
 
 
-@pytest.mark.parametrize("scores,before,after", TALLY_CASES)
-def test_tally_counts_known_facts_either_side_of_the_cutoff(scores, before, after):
+@pytest.mark.parametrize("scores,before,after,top", TALLY_CASES)
+def test_tally_counts_known_facts_either_side_of_the_cutoff(scores, before, after, top):
     out = probe.tally(ROWS, scores, CUTOFF)
+    assert out["top_choice"] == {"choice": top[0], "rows": top[1], "total": 4}
     assert out["cutoff"] == CUTOFF
     assert out["before"] == {"known": before, "total": 2, "accuracy": before / 2}
     assert out["after"] == {"known": after, "total": 2, "accuracy": after / 2}

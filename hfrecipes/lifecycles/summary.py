@@ -49,6 +49,18 @@ def _gold(r: Record) -> dict[str, Any] | None:
     }
 
 
+def _favourite(probe: dict[str, Any]) -> str:
+    """A sentence when one answer tops nearly every fact (nine in ten): the model ranks by how common each answer
+    is, not by which fact it is asked."""
+    top = probe.get("top_choice") or {}
+    if not top.get("total") or top["rows"] < 0.9 * top["total"]:
+        return ""
+    return (
+        f" The model's top choice is '{top['choice']}' for {top['rows']} of the {top['total']} facts: it learnt how "
+        "common each answer is, not which fact has which."
+    )
+
+
 def _probe(r: Record) -> dict[str, Any] | None:
     """The knowledge-cutoff probe the stage recorded beside its cutoff (`hfrecipes.probe`), if any."""
     found = (r.data.knowledge_cutoff or {}).get("knowledge_probe")
@@ -231,7 +243,7 @@ def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
             f"Nothing after the cutoff is known: `{cut['id']}` (cutoff {probe.get('cutoff')}) knows "
             f"{before.get('known')}/{before.get('total')} facts dated before it and {after.get('known')}/"
             f"{after.get('total')} dated after (chance {pct(chance)}; supported when at least half before and at "
-            "most twice chance after).",
+            f"most twice chance after).{_favourite(probe)}",
             ok,
         )
     inf = summary.get("inference") or {}
