@@ -397,7 +397,7 @@ def test_summary_over_seeds_gives_mean_and_min_max_and_each_claims_count():
     assert out["seeds"]["claims"]["past_ceiling"] == {"supported": 2, "of": 3}
     md = summaries.render(out)
     assert "## Over 3 seeds" in md and "| grpo | 80.0% (70.0%-90.0%) |" in md
-    assert "on 2 of 3 seeds" in md
+    assert "(Supported on 2 of 3 seeds.)" in md
 
 
 def test_seeds_add_runs_beside_the_first(first, recipe, tmp_path):
