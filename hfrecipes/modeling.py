@@ -461,7 +461,23 @@ def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = Non
         raise UsageError(f"model_name_or_path '{model_args.model_name_or_path}' could not be loaded: {e}") from None
     if gguf:
         drop_gguf_quantizer(model)
+    if quantization is not None:
+        keep_4bit_trainable(model)
     return model
+
+
+def keep_4bit_trainable(model) -> None:
+    """bitsandbytes, on a CPU with AVX512-BF16, repacks a 4-bit weight for inference the first time the layer runs in
+    eval mode without grad (a held-out evaluation, a rollout), and from then on computes it with a kernel that has no
+    backward: the adapters get no gradient for the rest of training. A model loaded to train keeps the trainable
+    layout on every CPU."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 MERGED = "merged"

@@ -134,6 +134,38 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, capture
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
 
+def test_qlora_adapters_get_gradients_after_an_evaluation(tiny_pretrained, tmp_path, captured_trainers, monkeypatch):
+    """bitsandbytes repacks a 4-bit layer for inference after an eval-mode forward on an AVX512-BF16 CPU, and that
+    layout has no backward. The stage's model keeps the trainable layout, whatever the CPU reports."""
+    import bitsandbytes as bnb
+    import torch
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    hfrecipes.sft(
+        "tiny/sft_lora",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        output_dir=str(tmp_path / "qlora"),
+        load_in_4bit=True,
+        max_steps=1,
+        max_train_samples=32,
+        save_strategy="no",
+    )
+    layers = [m for m in captured_trainers[0].model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    monkeypatch.undo()  # the forwards below run the kernels this CPU really has
+
+    model = captured_trainers[0].model
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_prompt_completion_file_with_column_mapping(tiny_pretrained, tmp_path, captured_trainers):
     """A local jsonl whose columns have other names: mapped in the recipe, loss on the completion only."""
     rows = [{"question": task.question(a, b), "reply": task.answer(a, b)} for a, b in task.split_pairs()["sft"][:64]]
