@@ -111,9 +111,14 @@ def test_saved_adapter_reloads_with_peft(lora_run, tiny_pretrained):
             assert not torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-3)
 
 
-def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, captured_trainers):
+def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, captured_trainers, monkeypatch):
+    """QLoRA trains its adapters on a 4-bit base. bitsandbytes repacks a 4-bit layer for inference after an eval-mode
+    forward on an AVX512-BF16 CPU, and that layout has no backward: the stage's model keeps the trainable layout,
+    whatever the CPU reports."""
     import bitsandbytes as bnb
+    import torch
 
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     result = hfrecipes.sft(
         "tiny/sft_lora",
         model_name_or_path=str(tiny_pretrained.output_dir),
@@ -125,7 +130,10 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, capture
         save_strategy="no",
     )
     model = captured_trainers[0].model
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()), "the base is not 4-bit"
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "the base is not 4-bit"
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    monkeypatch.undo()  # the forwards below run the kernels this CPU really has
     assert model.base_model.model.config.quantization_config.bnb_4bit_quant_type == "nf4"
     rec = result.record
     assert rec["model"]["adapter"]["type"] == "qlora" and rec["model"]["adapter"]["base_quantization"] == "4-bit nf4"
@@ -133,28 +141,6 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, capture
     adapter = load_file(result.output_dir / "adapter_model.safetensors")
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
-
-def test_qlora_adapters_get_gradients_after_an_evaluation(tiny_pretrained, tmp_path, captured_trainers, monkeypatch):
-    """bitsandbytes repacks a 4-bit layer for inference after an eval-mode forward on an AVX512-BF16 CPU, and that
-    layout has no backward. The stage's model keeps the trainable layout, whatever the CPU reports."""
-    import bitsandbytes as bnb
-    import torch
-
-    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-    hfrecipes.sft(
-        "tiny/sft_lora",
-        model_name_or_path=str(tiny_pretrained.output_dir),
-        output_dir=str(tmp_path / "qlora"),
-        load_in_4bit=True,
-        max_steps=1,
-        max_train_samples=32,
-        save_strategy="no",
-    )
-    layers = [m for m in captured_trainers[0].model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
-    monkeypatch.undo()  # the forwards below run the kernels this CPU really has
-
-    model = captured_trainers[0].model
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     model.eval()
     with torch.no_grad():
