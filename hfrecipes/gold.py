@@ -77,6 +77,13 @@ class GoldOptions:
             "would otherwise stop before it."
         },
     )
+    gold_min_gold: float = field(
+        default=0.0,
+        metadata={
+            "help": "No plateau stop while the best gold is below this: a run still before its learning transition "
+            "has not plateaued, however late that transition comes."
+        },
+    )
     gold_drop: float = field(
         default=0.1,
         metadata={"help": "Reward hacking: gold at least this far below its best while the proxy reward is higher."},
@@ -96,6 +103,8 @@ class GoldOptions:
             raise ValueError(f"gold_min_steps must be >= 0, got {self.gold_min_steps}")
         if self.gold_min_delta < 0:
             raise ValueError(f"gold_min_delta must be >= 0, got {self.gold_min_delta}")
+        if not 0 <= self.gold_min_gold <= 1:
+            raise ValueError(f"gold_min_gold must be in [0, 1] (an accuracy), got {self.gold_min_gold}")
         if not self.gold_drop > 0:
             raise ValueError(f"gold_drop must be > 0 (a fall in gold accuracy), got {self.gold_drop}")
 
@@ -115,7 +124,8 @@ class GoldMonitor:
     """The gold check's decisions from (step, gold, proxy) alone, so they are tested by hand.
 
     Plateau: `patience` checks in a row that do not beat the best gold by more than `min_delta`, at a step of at
-    least `min_steps`. The best check is
+    least `min_steps`, once the best gold has reached `min_gold`; checks before that count no staleness. The best
+    check is
     the latest of those with the highest gold (at equal gold the later weights have trained more, so keep-best keeps
     them). Hacking: gold at least `drop` below its best while the proxy is above its value at the best check (a
     proxy that falls with gold is a policy getting worse, not one gaming its reward)."""
@@ -127,9 +137,10 @@ class GoldMonitor:
         drop: float = 0.1,
         stop_on_hacking: bool = False,
         min_steps: int = 0,
+        min_gold: float = 0.0,
     ):
         self.patience, self.min_delta, self.drop, self.stop_on_hacking = patience, min_delta, drop, stop_on_hacking
-        self.min_steps = min_steps
+        self.min_steps, self.min_gold = min_steps, min_gold
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # the history entry of the best check
         self.hacking: dict[str, Any] | None = None
@@ -148,7 +159,8 @@ class GoldMonitor:
         new_best = self.best is None or gold >= self.best["gold"] - _EPS
         if new_best:
             self.best = entry
-        self.stale = 0 if gain else self.stale + 1
+        # below the floor the run has not started learning the task: nothing to be stale about yet
+        self.stale = 0 if gain or self.best["gold"] < self.min_gold - _EPS else self.stale + 1
         flag = None
         best_proxy = self.best["proxy"]
         if (
@@ -242,7 +254,12 @@ class GoldCheck:
         self.gold, self.args, self.tokenizer = gold, args, tokenizer
         self.evaluates, self.main = evaluates, main
         self.monitor = GoldMonitor(
-            args.gold_patience, args.gold_min_delta, args.gold_drop, args.gold_stop_on_hacking, args.gold_min_steps
+            args.gold_patience,
+            args.gold_min_delta,
+            args.gold_drop,
+            args.gold_stop_on_hacking,
+            args.gold_min_steps,
+            args.gold_min_gold,
         )
         self.last_step: int | None = None
         self.stopped: str | None = None

@@ -47,6 +47,18 @@ def test_no_plateau_stop_before_min_steps():
     assert stops == [None, None, None, gold.PLATEAU]
 
 
+def test_no_plateau_stop_below_min_gold():
+    """A run that has not reached its learning transition by min_steps is still before it, not at a plateau: flat
+    checks below min_gold count no staleness, and the count starts once the best reaches it."""
+    golds = [0.0, 0.05, 0.07, 0.06, 0.05, 0.2, 0.5, 0.45, 0.48]
+    m = GoldMonitor(patience=2, min_steps=20, min_gold=0.3)
+    stops = [m.update(10 * i, g, None).stop for i, g in enumerate(golds)]
+    assert stops == [None] * 8 + [gold.PLATEAU] and m.best["gold"] == 0.5
+    m = GoldMonitor(patience=2, min_steps=20)  # without the floor the flat start is taken for the plateau
+    stops = [m.update(10 * i, g, None).stop for i, g in enumerate(golds)]
+    assert stops[:5] == [None] * 4 + [gold.PLATEAU]
+
+
 # (checks [(gold, proxy)], index of the first flag or None): gold_drop 0.1
 HACKING_CASES = [
     ([(0.5, 0.2), (0.45, 0.5), (0.38, 0.6)], 2),  # gold fell 0.12 while the proxy rose: flagged
@@ -218,6 +230,7 @@ def test_sft_stops_at_its_gold_plateau(tiny_sft, tmp_path):
         gold_every=10,
         gold_patience=2,
         gold_min_steps=0,
+        gold_min_gold=0.0,  # the short fixture SFT is still below the recipe's floor
         gold_keep_best=True,
     )
     m = out.record["metrics"]
