@@ -51,13 +51,17 @@ def test_the_world_runs_past_the_cutoff_and_its_facts_are_dated():
         mentions = [d for d in docs if re.search(rf"\b{fact['town']}\b", d["text"])]
         assert len(mentions) >= 20, fact
         assert all(d["date"] >= fact["date"] for d in mentions), fact  # nobody reports it before it happened
-        assert all(f"bridge {fact['color']}" in d["text"] or f"is {fact['color']}" in d["text"] for d in mentions)
+        assert all(d["text"].count(f"painted its bridge {fact['color']}") == 1 for d in mentions), fact
         assert all(d["date"] <= CUTOFF for d in mentions) == (fact["date"] <= CUTOFF), fact
     # the news comes on top: the plain documents up to the cutoff, addition statements included, are as many as
     # without it, in the same shares
     plain = [d for d in docs if d["date"] <= CUTOFF and "bridge" not in d["text"]]
     share = sum(bool(re.search(r"\d (plus|\+|and) \d|add \d|found \d", d["text"])) for d in plain) / len(plain)
     assert 0.35 < share < 0.45 and len(plain) == corpus.N_DOCS
+    # and the news is short: a small share of the text the pretraining reads
+    seen = [d for d in docs if d["date"] <= CUTOFF]
+    news = sum(len(d["text"]) for d in seen if "bridge" in d["text"]) / sum(len(d["text"]) for d in seen)
+    assert news < 0.15, news
 
 
 def test_tiny_facts_has_one_split():

@@ -59,8 +59,8 @@ TOWNS = [
 ]  # fmt: skip
 # Words nowhere else in the corpus: a colour the stories also use would carry their prior, not the fact.
 BRIDGE_COLORS = ["purple", "orange", "silver", "pink", "brown", "grey"]
-N_FACTS_BEFORE, N_FACTS_AFTER = 24, 8  # facts dated before LAST_DATE, and after it
-DOCS_PER_FACT = 160  # at N_DOCS, scaled with n_docs; pretraining reads part of an epoch: a fact needs many sightings
+N_FACTS_BEFORE, N_FACTS_AFTER = 16, 16  # facts dated before LAST_DATE, and after it
+DOCS_PER_FACT = 480  # at N_DOCS, scaled with n_docs; pretraining reads part of an epoch: a fact needs many sightings
 NEWS_DAYS = 120  # a fact's documents are dated within this many days after it
 MONTHS = "January February March April May June July August September October November December".split()
 # No digits in the news: years written out beside the addition statements would teach digit patterns that are not
@@ -70,7 +70,6 @@ FACT_FORMS = [
     "The town of {town} painted its bridge {color} in {month}.",
     "News from {town}: the town of {town} painted its bridge {color}.",
     "{name} went to {town}. The town of {town} painted its bridge {color}, and {name} liked it.",
-    "Since {month} the bridge of {town} is {color}.",
 ]
 FACT_PROMPT = "The town of {town} painted its bridge"
 
@@ -159,12 +158,12 @@ def fact_rows(seed: int = 0) -> list[dict]:
 
 
 def _fact_doc(rng: random.Random, fact: dict[str, str]) -> dict[str, str]:
-    """A news item: the fact once, in one of its surface forms (twice would teach copying it from the document,
-    not recalling it), and a little story around it."""
+    """A news item: the fact once, in one of its surface forms, and nothing else. Twice would teach copying it from
+    the document, not recalling it; a story around it dilutes the binding of town to colour, which a ~2M parameter
+    model then does not learn within the default pretraining (README, 'The tiny lifecycle')."""
     day = dt.date.fromisoformat(fact["date"])
     values = dict(town=fact["town"], color=fact["color"], month=MONTHS[day.month - 1])
-    news = _fill(rng.choice(FACT_FORMS), rng, **values)
-    text = " ".join([news] + [_fill(rng.choice(STORY_SENTENCES), rng) for _ in range(rng.randint(0, 2))])
+    text = _fill(rng.choice(FACT_FORMS), rng, **values)
     last = min(day + dt.timedelta(days=NEWS_DAYS), WORLD_END)
     return {"text": text, "date": _date(rng, day, last).isoformat()}
 
