@@ -125,10 +125,9 @@ class GoldMonitor:
 
     Plateau: `patience` checks in a row that do not beat the best gold by more than `min_delta`, at a step of at
     least `min_steps`, once the best gold has reached `min_gold`; checks before that count no staleness. The best
-    check is
-    the latest of those with the highest gold (at equal gold the later weights have trained more, so keep-best keeps
-    them). Hacking: gold at least `drop` below its best while the proxy is above its value at the best check (a
-    proxy that falls with gold is a policy getting worse, not one gaming its reward)."""
+    check is the latest of those with the highest gold (at equal gold the later weights have trained more, so
+    keep-best keeps them). Hacking: gold at least `drop` below its best while the proxy is above its value at the
+    best check (a proxy that falls with gold is a policy getting worse, not one gaming its reward)."""
 
     def __init__(
         self,
@@ -254,12 +253,12 @@ class GoldCheck:
         self.gold, self.args, self.tokenizer = gold, args, tokenizer
         self.evaluates, self.main = evaluates, main
         self.monitor = GoldMonitor(
-            args.gold_patience,
-            args.gold_min_delta,
-            args.gold_drop,
-            args.gold_stop_on_hacking,
-            args.gold_min_steps,
-            args.gold_min_gold,
+            patience=args.gold_patience,
+            min_delta=args.gold_min_delta,
+            drop=args.gold_drop,
+            stop_on_hacking=args.gold_stop_on_hacking,
+            min_steps=args.gold_min_steps,
+            min_gold=args.gold_min_gold,
         )
         self.last_step: int | None = None
         self.stopped: str | None = None
