@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -17,6 +19,7 @@ from hfrecipes import modeling, rewards
 from hfrecipes.errors import UsageError
 from hfrecipes.stages import ppo_trainer, trainer_internals
 from hfrecipes.stages.ppo_trainer import Rollout, Scores
+from hfrecipes.tiny import task
 
 # Small rollouts so the whole file stays within a few minutes on one core: 32 replies per step, 2 x 2 updates.
 FAST = dict(
@@ -34,14 +37,70 @@ FAST = dict(
 )
 
 
+def _parity_pairs(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
+    """Replies that differ in the sum's last digit only: odd is chosen, even rejected. The tiny task's own preference
+    (the right sum above a wrong one) needs an SFT model past its accuracy transition, which the shared SFT fixture is
+    not: a reward model on that body ranks those pairs near chance, and PPO against it finds a gain on some runs and
+    none on others. A last digit is one token the body reads and the policy can move, so the reward model learns it
+    in 100 steps and PPO's effect can be checked outside the reward model: the share of odd last digits."""
+    rng = random.Random(f"parity-{seed}")
+    rows = []
+    for a, b in pairs:
+        tens = (a + b) // 10
+        even, odd = rng.choice((0, 2, 4, 6, 8)), rng.choice((1, 3, 5, 7, 9))
+        prompt = [{"role": "user", "content": task.question(a, b)}]
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": f"{a} plus {b} is {10 * tens + odd}."}],
+                "rejected": [{"role": "assistant", "content": f"{a} plus {b} is {10 * tens + even}."}],
+            }
+        )
+    return rows
+
+
+def _odd_share(model_dir, prompts: list[str]) -> float:
+    """Share of greedy replies whose number before the final full stop ends in an odd digit."""
+    from transformers import AutoModelForCausalLM
+
+    tok = modeling.load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=14, do_sample=False, pad_token_id=tok.pad_token_id)
+    replies = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    last = [re.search(r"(\d)\.\s*$", r.strip()) for r in replies]
+    return sum(m is not None and int(m.group(1)) % 2 == 1 for m in last) / len(prompts)
+
+
 @pytest.fixture(scope="module")
 def chain(tiny_sft, tmp_path_factory):
-    """A weak tiny SFT model (120 steps: it has not passed its accuracy transition) and a reward model on top."""
+    """A weak tiny SFT model (120 steps: it has not passed its accuracy transition) and a reward model on top that
+    prefers an odd last digit in the sum (see `_parity_pairs`)."""
     root = tmp_path_factory.mktemp("ppo-chain")
+    data = root / "parity"
+    data.mkdir()
+    splits = task.split_pairs()
+    for name, pairs in (("train", splits["sft"]), ("test", splits["validation"])):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _parity_pairs(pairs, seed=0)))
     reward = hfrecipes.reward(
-        "tiny/reward", model_name_or_path=str(tiny_sft.output_dir), max_steps=100, output_dir=str(root / "reward")
+        "tiny/reward",
+        model_name_or_path=str(tiny_sft.output_dir),
+        dataset_name=str(data),
+        max_steps=100,
+        output_dir=str(root / "reward"),
     )
-    return {"sft": str(tiny_sft.output_dir), "reward": str(reward.output_dir), "root": root}
+    return {
+        "sft": str(tiny_sft.output_dir),
+        "reward": str(reward.output_dir),
+        "root": root,
+        "reward_record": reward.record,
+    }
 
 
 def _ppo(chain, out, **overrides):
@@ -176,7 +235,9 @@ def test_trainer_internals_check_names_what_changed(tmp_path):
 
 
 def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
-    out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4)
+    # The recipe's KL coefficient: with the light one the policy also finds replies like "99 plus" that the reward
+    # model scores high, far from the reference.
+    out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4, kl_coef=0.2)
     m = out.record["metrics"]
     h = m["heldout"]
     print("ppo tiny:", {k: v for k, v in h.items() if k != "detail"}, {k: v for k, v in m.items() if k != "heldout"})
@@ -184,6 +245,14 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
     assert h["after"] > h["before"] + 0.03, h
     assert h["detail"]["kl"] < 10 and m["kl"] < 10, m
     assert h["detail"]["accuracy_before"] is not None and h["detail"]["accuracy"] is not None
+    # The reward model learnt its preference, and the policy moved towards it on prompts it never trained on.
+    rm = chain["reward_record"]["metrics"]["heldout"]
+    assert rm["after"] > 0.9, rm
+    prompts = [task.question(a, b) for a, b in task.split_pairs()["heldout"][:96]]
+    before, after = _odd_share(chain["sft"], prompts), _odd_share(out.output_dir, prompts)
+    print("odd last digit, greedy, held-out:", before, "->", after)
+    # An SFT model's greedy sums may end in an odd digit on most prompts already; PPO brings the rest.
+    assert after > 0.9 and after >= before, (before, after)
     logs = [r for r in _logs(out.output_dir) if "score" in r]
     assert len(logs) == 20
     for key in (
