@@ -48,32 +48,24 @@ def _parity_pairs(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
     for a, b in pairs:
         tens = (a + b) // 10
         even, odd = rng.choice((0, 2, 4, 6, 8)), rng.choice((1, 3, 5, 7, 9))
-        prompt = [{"role": "user", "content": task.question(a, b)}]
         rows.append(
             {
-                "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": f"{a} plus {b} is {10 * tens + odd}."}],
-                "rejected": [{"role": "assistant", "content": f"{a} plus {b} is {10 * tens + even}."}],
+                "prompt": [{"role": "user", "content": task.question(a, b)}],
+                "chosen": [{"role": "assistant", "content": task.answer(a, b, 10 * tens + odd)}],
+                "rejected": [{"role": "assistant", "content": task.answer(a, b, 10 * tens + even)}],
             }
         )
     return rows
 
 
-def _odd_share(model_dir, prompts: list[str]) -> float:
+def _odd_share(model_dir, prompts: list) -> float:
     """Share of greedy replies whose number before the final full stop ends in an odd digit."""
     from transformers import AutoModelForCausalLM
 
-    tok = modeling.load_tokenizer(model_dir)
+    from hfrecipes.evaluation import greedy_replies
+
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    texts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    tok.padding_side = "left"
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=14, do_sample=False, pad_token_id=tok.pad_token_id)
-    replies = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    replies = greedy_replies(model, modeling.load_tokenizer(model_dir), prompts, max_new_tokens=14)
     last = [re.search(r"(\d)\.\s*$", r.strip()) for r in replies]
     return sum(m is not None and int(m.group(1)) % 2 == 1 for m in last) / len(prompts)
 
@@ -248,7 +240,7 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
     # The reward model learnt its preference, and the policy moved towards it on prompts it never trained on.
     rm = chain["reward_record"]["metrics"]["heldout"]
     assert rm["after"] > 0.9, rm
-    prompts = [task.question(a, b) for a, b in task.split_pairs()["heldout"][:96]]
+    prompts = [r["prompt"] for r in task.prompt_rows(task.split_pairs()["heldout"][:96])]
     before, after = _odd_share(chain["sft"], prompts), _odd_share(out.output_dir, prompts)
     print("odd last digit, greedy, held-out:", before, "->", after)
     # An SFT model's greedy sums may end in an odd digit on most prompts already; PPO brings the rest.
