@@ -5,11 +5,16 @@
 PLAN.json is a list of [stage, keyword arguments of `hfrecipes.<stage>`]. When a stage saves its final model, every
 process writes `<output_dir>.rank<N>.json`: the parameter elements it holds itself (a DTensor's local shard under
 FSDP2, a ZeRO-3 partition) beside the whole model's, and a hash of what it holds.
+
+With SLOW_RNG_SAVE=<seconds>, every process but the main one waits that long before it saves its RNG state, so a
+checkpoint that the main process called finished before the others had written theirs would show.
 """
 
 import hashlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +54,19 @@ def spy(cls) -> None:
     cls.save_model = save_model
 
 
+def slow_rng_save(seconds: float) -> None:
+    save = transformers.Trainer._save_rng_state
+
+    def _save_rng_state(self, output_dir):
+        if self.args.process_index != 0:
+            time.sleep(seconds)
+        save(self, output_dir)
+
+    transformers.Trainer._save_rng_state = _save_rng_state
+
+
+if os.environ.get("SLOW_RNG_SAVE"):
+    slow_rng_save(float(os.environ["SLOW_RNG_SAVE"]))
 spy(transformers.Trainer)
 spy(ppo_trainer.PPOTrainer)
 with open(sys.argv[1]) as f:

@@ -376,7 +376,8 @@ def test_zero3_killed_with_sigkill_resumes_from_its_deepspeed_checkpoint(runs, t
     """PPO (hfrecipes' own loop) under ZeRO-3 on two processes, every process killed with SIGKILL once checkpoint-1
     is complete, then the same launch again: it resumes from that checkpoint's DeepSpeed state (each process's
     partition of weights and optimizer state, with the RNG states, so it samples the same replies) and logs the
-    losses of the uninterrupted run of the `runs` fixture, step for step."""
+    losses of the uninterrupted run of the `runs` fixture, step for step. The second process saves its RNG state
+    late, so a checkpoint the main process completed before every process had saved its state would be caught."""
     from hfrecipes import record
 
     uninterrupted = runs("zero3") / "ppo"
@@ -388,7 +389,10 @@ def test_zero3_killed_with_sigkill_resumes_from_its_deepspeed_checkpoint(runs, t
 
     def launch():
         cmd = _launch_cmd("zero3", "--num_processes", "2", "--main_process_port", str(_free_port()))
-        return subprocess.Popen([*cmd, str(DRIVER), str(plan)], env=ENV, stdout=subprocess.DEVNULL,
+        # the second process saves its RNG state late: the kill below, as soon as the main process has written the
+        # trainer state, must still find both processes' states in the checkpoint
+        env = {**ENV, "SLOW_RNG_SAVE": "2"}
+        return subprocess.Popen([*cmd, str(DRIVER), str(plan)], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     proc = launch()
@@ -405,6 +409,8 @@ def test_zero3_killed_with_sigkill_resumes_from_its_deepspeed_checkpoint(runs, t
         p.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / record.RECORD).exists(), "the run finished before it was killed"
+    rng = sorted(p.name for p in (out / "checkpoint-1").glob("rng_state_*.pth"))
+    assert rng == ["rng_state_0.pth", "rng_state_1.pth"], f"trainer state written before every RNG state: {rng}"
     # DeepSpeed numbers its state by optimizer steps: a PPO step is epochs x minibatches of them
     assert len(list((out / "checkpoint-1").glob("global_step*/*optim_states.pt"))) == 2, "no DeepSpeed partitions"
     assert record.check_output_dir(out, "ppo").endswith("checkpoint-1")

@@ -21,6 +21,7 @@ from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "dpo"
@@ -46,7 +47,7 @@ class DPOConfig(FineTuneDefaults, LogitsHeadOption, trl.DPOConfig):
 DATACLASSES = (ScriptArguments, DPOConfig, ModelConfig)
 
 
-class DPOTrainer(card.OwnsCard, trl.DPOTrainer):
+class DPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, trl.DPOTrainer):
     """`trl.DPOTrainer` that owns the model card (ours is written from the stage record) and, where
     `logits_lm_head` is on, scores tokens from plain logits."""
 

@@ -20,6 +20,7 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import trainer_internals
 from hfrecipes.stages.common import (
     FineTuneDefaults,
     LogitsHeadOption,
@@ -67,7 +68,7 @@ class GRPOConfig(FineTuneDefaults, LogitsHeadOption, gold.GoldOptions, trl.GRPOC
 DATACLASSES = (ScriptArguments, GRPOConfig, ModelConfig)
 
 
-class GRPOTrainer(card.OwnsCard, trl.GRPOTrainer):
+class GRPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, trl.GRPOTrainer):
     """`trl.GRPOTrainer` that owns the model card (ours is written from the stage record) and, where
     `logits_lm_head` is on, scores tokens from plain logits."""
 

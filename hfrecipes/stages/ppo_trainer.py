@@ -314,7 +314,7 @@ def load_weights(model, folder: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the trainer
 
 
-class PPOTrainer(card.OwnsCard, transformers.Trainer):
+class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers.Trainer):
     """PPO on `transformers.Trainer`: its accelerator, optimizer, scheduler, callbacks, logging and checkpoints;
     `train()` is the PPO loop. `args` is the stage's `PPOConfig` (`stages/ppo.py`): TrainingArguments plus PPO's
     fields."""

@@ -19,6 +19,7 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import trainer_internals
 from hfrecipes.stages.common import whole_weights
 
 STAGE = "pretrain"
@@ -82,7 +83,7 @@ class PretrainConfig(TrainingArguments):
 DATACLASSES = (ScriptArguments, PretrainConfig, ModelConfig)
 
 
-class PretrainTrainer(card.OwnsCard, Trainer):
+class PretrainTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, Trainer):
     """`transformers.Trainer` that owns the model card (ours is written from the stage record, not Trainer's)."""
 
 

@@ -19,6 +19,7 @@ from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults
 
 STAGE = "reward"
@@ -33,7 +34,7 @@ class RewardConfig(FineTuneDefaults, trl.RewardConfig):
 DATACLASSES = (ScriptArguments, RewardConfig, ModelConfig)
 
 
-class RewardTrainer(card.OwnsCard, trl.RewardTrainer):
+class RewardTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, trl.RewardTrainer):
     """`trl.RewardTrainer` that owns the model card (ours is written from the stage record)."""
 
 

@@ -17,6 +17,7 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads, whole_weights
 
 STAGE = "sft"
@@ -45,7 +46,7 @@ class SFTConfig(FineTuneDefaults, LogitsHeadOption, gold.GoldOptions, trl.SFTCon
 DATACLASSES = (ScriptArguments, SFTConfig, ModelConfig)
 
 
-class SFTTrainer(card.OwnsCard, trl.SFTTrainer):
+class SFTTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, trl.SFTTrainer):
     """`trl.SFTTrainer` that owns the model card (ours is written from the stage record) and, where
     `logits_lm_head` is on, scores tokens from plain logits."""
 

@@ -6,6 +6,7 @@ Those pieces are not public API: `Trainer._inner_training_loop` drives them, and
 These functions are the only code that touches them, each saying why; `CALLS` lists what they need of the installed
 transformers, and `check()` compares the two (tests/test_ppo.py runs it, so an upstream rename or a changed
 signature fails there, by name, rather than halfway through a run).
+`WholeCheckpoints` is the one override of a private method that every stage's trainer carries, whichever loop runs.
 Delete a function here when transformers offers a public way to do what it does.
 
     pytest tests/test_ppo.py -k internals
@@ -30,6 +31,7 @@ CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
     "_load_optimizer_and_scheduler": (1, (), "restore optimizer and scheduler from a checkpoint on resume"),
     "_load_rng_state": (1, (), "restore the RNG states of a checkpoint, so a resumed run samples the same replies"),
     "_save_checkpoint": (1, ("trial",), "write a checkpoint: model, optimizer, scheduler, RNG, state, rotation"),
+    "_save_rng_state": (1, (), "overridden by `WholeCheckpoints`: each process's RNG state, before the trainer state"),
     "save_model": (1, ("_internal_call",), "overridden; `_save_checkpoint` calls it with _internal_call=True"),
     "store_flos": (0, (), "add the loop's FLOP count (`current_flos`) to state.total_flos"),
     "log": (1, (), "append to state.log_history and fire on_log"),
@@ -51,6 +53,20 @@ STATE_FIELDS = (
     "is_world_process_zero", "total_flos", "log_history", "stateful_callbacks",
 )  # fmt: skip
 CONTROL_FLAGS = ("should_log", "should_save", "should_training_stop")
+
+
+class WholeCheckpoints:
+    """Trainer mixin: a checkpoint is whole once `trainer_state.json` is on disk, in every process.
+
+    `Trainer._save_checkpoint` has each process write its own `rng_state_<rank>.pth`, then the main process writes
+    `trainer_state.json`, with nothing in between that waits for the others. A job killed in that gap leaves a
+    checkpoint that looks complete (`record.checkpoint_is_complete`) but lacks another rank's RNG state, and
+    `_load_rng_state` then only warns: that rank samples other replies than the uninterrupted run would. Waiting for
+    every process after the RNG save closes the gap (a no-op in one process)."""
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
 
 def begin_training(trainer: transformers.Trainer, num_updates: int, max_steps: int, resume_from: str | None) -> int:
@@ -188,6 +204,14 @@ def check(trainer: transformers.Trainer) -> list[str]:
     for f in STATE_FIELDS:
         if f not in fields:
             problems.append(f"transformers.TrainerState.{f}: field missing; hfrecipes' loop sets or reads it")
+    # `WholeCheckpoints` waits inside `_save_rng_state`, which only helps while Trainer calls it before it writes the
+    # trainer state
+    upstream = inspect.getsource(transformers.Trainer._save_checkpoint)
+    if not 0 <= upstream.find("self._save_rng_state(") < upstream.find("TRAINER_STATE_NAME"):
+        problems.append(
+            "transformers.Trainer._save_checkpoint: no longer saves the RNG states before trainer_state.json; "
+            "hfrecipes waits for every process after the RNG save so a checkpoint with a trainer state is whole"
+        )
     gradient_state = getattr(getattr(trainer, "accelerator", None), "gradient_state", None)
     if gradient_state is not None and not callable(getattr(gradient_state, "_set_sync_gradients", None)):
         problems.append("accelerate GradientState._set_sync_gradients: missing; hfrecipes' loop accumulates with it")
