@@ -31,7 +31,6 @@ CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
     "_load_optimizer_and_scheduler": (1, (), "restore optimizer and scheduler from a checkpoint on resume"),
     "_load_rng_state": (1, (), "restore the RNG states of a checkpoint, so a resumed run samples the same replies"),
     "_save_checkpoint": (1, ("trial",), "write a checkpoint: model, optimizer, scheduler, RNG, state, rotation"),
-    "_save_rng_state": (1, (), "overridden by `WholeCheckpoints`: each process's RNG state, before the trainer state"),
     "save_model": (1, ("_internal_call",), "overridden; `_save_checkpoint` calls it with _internal_call=True"),
     "store_flos": (0, (), "add the loop's FLOP count (`current_flos`) to state.total_flos"),
     "log": (1, (), "append to state.log_history and fire on_log"),
