@@ -56,23 +56,79 @@ def has_triton_device() -> bool:
     return _has_cuda_or_xpu() and importlib.util.find_spec("triton") is not None
 
 
-def apply_device_defaults(args) -> None:
-    """On a machine without an accelerator, train on the CPU: `use_cpu=True` (so `accelerate launch --multi_gpu`
-    gives gloo DDP instead of one process per rank training alone), and no bf16/fp16 (TRL configs default bf16 on,
-    which a CPU-only machine refuses). Call at the top of a config's `__post_init__`."""
-    if has_accelerator():
+def tf32_supported() -> bool:
+    """TF32 tensor-core matmuls: CUDA GPUs of compute capability 8.0 (Ampere) and newer."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8)
+
+
+def bf16_supported() -> bool:
+    """bf16 mixed precision: a CUDA GPU that has it (Ampere and newer), or an XPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def resolve_device_defaults(args) -> None:
+    """The one place a stage config's device defaults are resolved, for every stage (pretraining included); call at
+    the top of the config's `__post_init__`, before `TrainingArguments.__post_init__` acts on them. A value the
+    recipe set is kept (an impossible one is refused by `check_device` before this runs).
+
+    - No accelerator: train on the CPU in fp32. `use_cpu=True`, so `accelerate launch --multi_gpu` gives gloo DDP
+      instead of one process per rank training alone; bf16/fp16 off (TRL configs default bf16 on, which a CPU-only
+      machine refuses); TF32 untouched (it does not exist there).
+    - A GPU with bf16 (`bf16: null`): bf16 mixed precision, fp32 master weights and optimizer state.
+    - Ampere and newer (`tf32: null`): TF32 for the matmuls left in fp32 (the optimizer step, fp32 layers), which
+      costs fp32 matmuls 8x on those chips for a mantissa bf16 training does not miss.
+    - The optimizer: transformers' fused AdamW (`adamw_torch_fused`, its default from torch 2.8) is kept; one
+      kernel per parameter group instead of one launch per tensor, which matters on a GPU.
+    - Attention is the model's (`attn_implementation`, ModelConfig): SDPA unless the recipe asks for another;
+      `check_device` refuses flash-attention where it is not installed.
+    """
+    if not has_accelerator():
+        args.use_cpu = True
+        args.bf16 = False
+        args.fp16 = False
         return
-    args.use_cpu = True
-    args.bf16 = False
-    args.fp16 = False
+    if args.bf16 is None:
+        args.bf16 = not args.fp16 and bf16_supported()
+    if getattr(args, "tf32", None) is None and tf32_supported():
+        args.tf32 = True
+
+
+def precision(args) -> str:
+    """The precision a stage trains in, as the record states it."""
+    if args.bf16:
+        return "bf16 mixed precision (fp32 master weights)"
+    if args.fp16:
+        return "fp16 mixed precision (fp32 master weights)"
+    return "fp32 with TF32 matmuls" if args.tf32 else "fp32"
 
 
 def check_device(values: dict[str, Any]) -> None:
-    """A recipe that asks for hardware this machine lacks stops here, before anything loads. Unset precision
-    falls back to fp32 on a CPU-only machine (`apply_device_defaults`); an explicit `bf16: true` or `fp16: true`
-    there is refused rather than silently dropped."""
+    """A recipe that asks for hardware or kernels this machine lacks stops here, before anything loads. Unset
+    precision falls back to fp32 on a CPU-only machine (`resolve_device_defaults`); an explicit `bf16: true` or
+    `fp16: true` there is refused rather than silently dropped."""
+    import importlib.util
+
     import torch
 
+    if values.get("use_liger_kernel") and not has_triton_device():
+        raise UsageError(
+            "use_liger_kernel: true needs Liger's Triton kernels on a CUDA (or XPU) GPU with triton installed, and "
+            "this machine has none. Remove use_liger_kernel, or run on such a GPU."
+        )
+    if values.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise UsageError("use_liger_kernel: true needs the liger-kernel package: pip install liger-kernel.")
+    attn = str(values.get("attn_implementation") or "")
+    if attn.startswith("flash_attention") and importlib.util.find_spec("flash_attn") is None:
+        raise UsageError(
+            f"attn_implementation: {attn} needs the flash-attn package, which is not installed. Install it "
+            "(pip install flash-attn) or remove attn_implementation (SDPA is the default)."
+        )
     if values.get("use_cpu"):
         return
     for key in ("bf16", "fp16", "tf32"):
@@ -83,6 +139,8 @@ def check_device(values: dict[str, Any]) -> None:
             )
     if values.get("bf16") and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise UsageError("bf16: true, but this GPU does not support bf16. Set fp16: true instead, or remove bf16.")
+    if values.get("tf32") and torch.cuda.is_available() and not tf32_supported():
+        raise UsageError("tf32: true needs an Ampere or newer GPU (compute capability 8.0+). Remove tf32.")
 
 
 def check_vocab(tokenizer, vocab_size: int | None, name: str) -> None:
@@ -144,13 +202,14 @@ def config_from(source: str, overrides: dict[str, Any] | None, tokenizer, trust_
     return config
 
 
-def init_model(config, seed: int):
-    """Random weights from `config`, deterministic for `seed`."""
+def init_model(config, seed: int, attn_implementation: str | None = None):
+    """Random weights from `config`, deterministic for `seed`; attention as the recipe asks (None: transformers'
+    choice, SDPA where the architecture has it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
 def converted_from(folder: str | Path) -> str:
@@ -562,13 +621,6 @@ def adapter_summary(model, model_args) -> dict[str, Any] | None:
         "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
         "base_quantization": quant or ("8-bit" if model_args.load_in_8bit else None),
     }
-
-
-def default_bf16() -> bool:
-    """bf16 mixed precision where the hardware has it (a CUDA GPU with bf16), fp32 elsewhere (CPU tests, old GPUs)."""
-    import torch
-
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 # ------------------------------------------------------------------------------------- stage folders as models

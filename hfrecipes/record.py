@@ -127,6 +127,9 @@ class ComputeBlock:
     co2_kg: float | None = _number()
     co2_source: str | None = None
     mfu: float | None = _number()
+    steady: dict[str, Any] | None = None
+    precision: str | None = None
+    kernels: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -479,14 +482,25 @@ def compute_summary(
     script_args: Any = None,
     measured_co2_kg: float | None = None,
     distributed: dict[str, Any] | None = None,
+    steady: dict[str, Any] | None = None,
+    precision: str | None = None,
+    kernels: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings), then
     price, dollars, energy, CO2 and MFU from `costs.py` (the recipe's overrides in `script_args`, else the table's).
+
+    Two rates: `tokens_per_second` and `mfu` over the whole wall time (what the stage cost), and `steady` (from
+    `throughput.steady`: the steps after warm-up; what the hardware does once running), whose MFU scales the wall
+    one by the ratio of the two rates, so both share one peak. `precision` and `kernels` say how it trained.
     """
     from hfrecipes.costs import stage_costs
 
     hours = wall_seconds / 3600 * device["count"]
     flops = 6.0 * params * tokens
+    rate = tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None
+    costs = stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg)
+    if steady is not None and steady.get("tokens_per_second") and rate and costs.get("mfu"):
+        steady = {**steady, "mfu": costs["mfu"] * steady["tokens_per_second"] / rate}
     return {
         "flops_6nd": flops,
         "flops_trainer": float(trainer_flos),
@@ -494,8 +508,11 @@ def compute_summary(
         "device": device,
         "distributed": distributed,
         "device_hours": hours,
-        "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None,
-        **stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg),
+        "tokens_per_second": rate,
+        "steady": steady,
+        "precision": precision,
+        "kernels": kernels,
+        **costs,
     }
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfrecipes import card, record
+from hfrecipes import card, record, throughput
 from hfrecipes.costs import measured_emissions
 from hfrecipes.data import model_cutoff
 from hfrecipes.record import Heldout
@@ -53,6 +53,7 @@ class StageRun:
         self.record = record.new_record(stage, recipe, self.parent)
         self.wall_seconds: float | None = None
         self.co2_kg: float | None = None
+        self.clock = throughput.step_clock()
 
     # ------------------------------------------------------------------------------------------------ start
 
@@ -63,8 +64,9 @@ class StageRun:
             record.atomic_write_text(self.output_dir / record.MARKER, json.dumps(marker) + "\n")
 
     def callbacks(self) -> list:
-        """The trainer callbacks every stage takes: every log to `metrics.jsonl`; stop on a non-finite loss."""
-        return [record.metrics_callback(self.output_dir), record.finite_loss_callback(self.output_dir)]
+        """The trainer callbacks every stage takes: every log to `metrics.jsonl`; stop on a non-finite loss; time each
+        step for the steady-state rate."""
+        return [record.metrics_callback(self.output_dir), record.finite_loss_callback(self.output_dir), self.clock]
 
     def describe_model(self, model, source: str, model_args=None, dtype: str | None = None, **extra) -> None:
         """The record's model block: architecture, parameter counts, dtype, the LoRA adapter where there is one."""
@@ -116,6 +118,8 @@ class StageRun:
         TRL's own count (`num_tokens`, every token of every sequence the model read); examples to optimizer steps x
         global batch (a preference pair is one example).
         """
+        from hfrecipes.modeling import precision
+
         args, rec = trainer.args, self.record
         if datasets is None:
             datasets = [record.dataset_entry(script_args.dataset_name, script_args.dataset_train_split, train_raw)]
@@ -142,6 +146,9 @@ class StageRun:
             script_args=script_args,
             measured_co2_kg=self.co2_kg,
             distributed=record.engine_info(trainer.accelerator),
+            steady=throughput.steady(self.clock.stamps, self.clock.excluded, tokens / steps if steps else None),
+            precision=precision(args),
+            kernels=_kernels(args, trainer.model),
         )
         rec["metrics"] = {
             "steps": steps,
@@ -175,3 +182,16 @@ class StageRun:
             self.close()
         trainer.accelerator.wait_for_everyone()
         return self.output_dir, record.read_record(self.output_dir)
+
+
+def _kernels(args, model) -> dict[str, Any]:
+    """How the stage's steps ran: optimizer, attention, compilation, Liger, TF32, activation checkpointing."""
+    config = getattr(model, "config", None)
+    return {
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "attention": getattr(config, "_attn_implementation", None),
+        "tf32": bool(getattr(args, "tf32", False)),
+        "torch_compile": bool(args.torch_compile),
+        "liger_kernel": bool(args.use_liger_kernel),
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+    }

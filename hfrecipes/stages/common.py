@@ -14,12 +14,42 @@ from hfrecipes import engines, modeling
 
 
 @dataclass
-class FineTuneDefaults:
-    """Defaults changed from TRL's, and why.
+class DeviceDefaults:
+    """Device defaults every stage config takes, pretraining included (`modeling.resolve_device_defaults` says what
+    each resolves to and why). A stage config lists it first among its bases, so these fields replace the parent's.
+
+    - `bf16=None`, `tf32=None`: "on where the device has it" (bf16 on a GPU that supports it, TF32 on Ampere and
+      newer); a recipe's true or false is kept.
+    - `logging_nan_inf_filter=False`: transformers' filter reads every step's loss on the host, a device
+      synchronisation per step that stops the host queueing the next step while the GPU works; it also replaces a
+      non-finite loss by the running mean, which would hide it from the stage's finite-loss stop
+      (`record.finite_loss_callback`).
+    """
+
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Default: on where a GPU supports bf16."}
+    )
+    tf32: bool | None = field(
+        default=None, metadata={"help": "TF32 matmuls for fp32 work. Default: on for Ampere and newer GPUs."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a non-finite loss in the logs by the mean (off: a non-finite loss stops the stage)."
+        },
+    )
+
+    def __post_init__(self):
+        modeling.resolve_device_defaults(self)
+        super().__post_init__()
+
+
+@dataclass
+class FineTuneDefaults(DeviceDefaults):
+    """Defaults the fine-tuning stages change from TRL's, and why (device defaults: `DeviceDefaults`).
 
     - `gradient_checkpointing=False`: TRL turns it on; it slows small models 10-40%, so the real-model recipes set
       it where memory needs it.
-    - `bf16=None` means "on where a CUDA GPU supports it": TRL's default (on) fails on a CPU-only machine.
     - `save_total_limit=2`: checkpoints of a long run add up.
     - `trust_remote_code` is not a key of the stage config: it is ModelConfig's (one switch for model and
       tokenizer, off by default), so a recipe cannot set it in two places with two meanings.
@@ -28,17 +58,8 @@ class FineTuneDefaults:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 mixed precision. Default: on where a CUDA GPU supports bf16."}
-    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
     trust_remote_code: bool = field(default=False, init=False, metadata={"help": "Set in ModelConfig."})
-
-    def __post_init__(self):
-        modeling.apply_device_defaults(self)
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = modeling.default_bf16()
-        super().__post_init__()
 
 
 @dataclass

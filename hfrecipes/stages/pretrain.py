@@ -20,20 +20,20 @@ from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import trainer_internals
-from hfrecipes.stages.common import whole_weights
+from hfrecipes.stages.common import DeviceDefaults, whole_weights
 
 STAGE = "pretrain"
 COLUMNS = [["text"]]
 
 
 @dataclass
-class PretrainConfig(TrainingArguments):
+class PretrainConfig(DeviceDefaults, TrainingArguments):
     """`transformers.TrainingArguments` plus what pretraining needs.
 
-    Changed defaults: `logging_steps=10` (tiny runs need a visible curve), `save_total_limit=2` (checkpoints of a
-    long run add up), `lr_scheduler_type="cosine"` (the usual choice for pretraining),
-    `ddp_find_unused_parameters=False` (a dense LM uses every parameter), and CPU training on a machine without an
-    accelerator (`modeling.apply_device_defaults`).
+    Changed defaults: the device's (`DeviceDefaults`: bf16 and TF32 where the GPU has them, CPU training on a
+    machine without an accelerator), `logging_steps=10` (tiny runs need a visible curve), `save_total_limit=2`
+    (checkpoints of a long run add up), `lr_scheduler_type="cosine"` (the usual choice for pretraining),
+    `ddp_find_unused_parameters=False` (a dense LM uses every parameter).
     """
 
     block_size: int = field(default=128, metadata={"help": "Tokens per packed training block."})
@@ -72,7 +72,6 @@ class PretrainConfig(TrainingArguments):
     def __post_init__(self):
         import json
 
-        modeling.apply_device_defaults(self)
         if isinstance(self.model_init_overrides, str):
             self.model_init_overrides = json.loads(self.model_init_overrides)
         if self.block_size < 2:
@@ -180,7 +179,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
             tokenizer,
             model_args.trust_remote_code,
         )
-        model = modeling.init_model(config, training_args.seed)
+        model = modeling.init_model(config, training_args.seed, model_args.attn_implementation)
         source = f"random init from '{training_args.model_init_config}'"
     run.describe_model(model, source)
 
