@@ -1,7 +1,8 @@
 """`hfrecipes serve`: vLLM's OpenAI-compatible server on an export folder, started as its own process group once the
 folder, the port and vLLM are checked, and stopped with nothing left behind. One real server (`hfrecipes serve` in
-the foreground of a subprocess) answers the `openai` client; the bad-input rows start no engine (the two that must
-start something start a stand-in command)."""
+the foreground of a subprocess) answers the `openai` client; only its tests need vLLM. The bad-input rows and the
+handle's test start no engine (the ones that must start something start a stand-in command), so they run without
+vLLM too."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ from conftest import needs_vllm
 import hfrecipes
 from hfrecipes import cli, serving
 from hfrecipes.errors import UsageError
-
-pytestmark = needs_vllm
 
 MAX_TOKENS = 24
 PAIRS = [(a, (a * 37 + 11) % 100) for a in range(32)]
@@ -115,6 +114,7 @@ def test_the_handle_starts_answers_and_stops_its_group(export_dir, monkeypatch):
         return [sys.executable, "-c", ANSWERS, host, str(port), name]
 
     monkeypatch.setattr(serving, "server_command", answers)
+    monkeypatch.setattr(serving, "vllm_available", lambda: True)  # the stand-in needs no vLLM
     port = free_port()
     before = children()
     with hfrecipes.serve(export_dir, port=port) as server:
@@ -175,8 +175,8 @@ def test_serve_bad_input(row, folder, command, words, export_dir, tiny_sft, tmp_
 
     monkeypatch.setattr(serving, "server_command", stand_in)
     monkeypatch.setattr(serving, "STOP_TIMEOUT", 1.0)  # the grandchild ignores SIGTERM: SIGKILL it soon
-    if row == "no vLLM":
-        monkeypatch.setattr(serving, "vllm_available", lambda: False)
+    # vLLM present or absent as the row says, whatever this machine has: no row starts the real engine
+    monkeypatch.setattr(serving, "vllm_available", lambda: row != "no vLLM")
     port, held = free_port(), []
     if row == "port in use":
         _hold_port(port, held)
@@ -244,6 +244,7 @@ def _chat(live, i, **kwargs):
     return live["client"].chat.completions.create(model="adder", messages=PROMPTS[i], **kwargs)
 
 
+@needs_vllm
 def test_chat_reply_stops_at_the_end_of_turn(live, export_dir):
     eos = json.loads((export_dir / "generation_config.json").read_text())["eos_token_id"]
     eos = eos if isinstance(eos, list) else [eos]
@@ -258,6 +259,7 @@ def test_chat_reply_stops_at_the_end_of_turn(live, export_dir):
     assert choice.message.content == live["reference"][12]["completions"][0]
 
 
+@needs_vllm
 def test_streaming_chunks_join_to_the_greedy_reply(live):
     whole = _chat(live, 3).choices[0]
     chunks = list(_chat(live, 3, stream=True))
@@ -266,6 +268,7 @@ def test_streaming_chunks_join_to_the_greedy_reply(live):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
 
 
+@needs_vllm
 def test_n_samples_with_temperature(live):
     a = _chat(live, 5, n=4, temperature=1.0, seed=11, max_tokens=16).choices
     b = _chat(live, 5, n=4, temperature=1.0, seed=11, max_tokens=16).choices
@@ -275,6 +278,7 @@ def test_n_samples_with_temperature(live):
     assert texts == [c.message.content for c in b]  # a seeded request samples the same again
 
 
+@needs_vllm
 def test_32_concurrent_requests_equal_generate(live):
     """32 requests at once, all answered, each greedy reply the one `hfrecipes generate` gave (vLLM, temperature 0)."""
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
@@ -285,6 +289,7 @@ def test_32_concurrent_requests_equal_generate(live):
     assert [len(r.choices[0].token_ids) for r in replies] == [row["completion_tokens"][0] for row in live["reference"]]
 
 
+@needs_vllm
 def test_sigterm_stops_the_server_and_everything_it_started(live):
     """Last in the module: SIGTERM to `hfrecipes serve` stops the server, its engine and workers; exit code 0."""
     import psutil
