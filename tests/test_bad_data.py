@@ -1,12 +1,14 @@
 """Bad data and bad model paths stop a stage before any model loads, with one message naming what is wrong.
 
-Every row runs the real stage entry point; loading a model or tokenizer is made to fail the test, and the output
-folder must not appear.
+Every row runs the real stage entry point; loading a model or tokenizer is made to fail the test, the message is one
+line, the bad file is left as it was, and the output folder must not appear. (Bad recipes, flags and what only the
+command line or a whole model folder shows: tests/test_bad_input.py.)
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +41,7 @@ BAD = [
         "d.jsonl",
         _jsonl([{"question": "Hi", "reply": "Hello."}]),
         {},
-        ["messages", "prompt+completion", "['question', 'reply']", "dataset_columns"],
+        ["d.jsonl", "messages", "prompt+completion", "['question', 'reply']", "dataset_columns"],
     ),
     ("sft-empty-file", "sft", "d.jsonl", "", {}, ["empty"]),
     ("sft-empty-csv", "sft", "d.csv", "prompt,completion\n", {}, ["empty", "at least one example"]),
@@ -148,7 +150,7 @@ BAD = [
         "d.json",
         json.dumps([{"messages": CONVERSATION}] * 3, indent=2)[:-30],
         {},
-        ["d.json", "not valid JSON", "cut short"],
+        ["d.json", "line 34", "not valid JSON", "cut short"],
     ),
     (
         "sft-jsonl-line-not-an-object",
@@ -341,11 +343,21 @@ def test_bad_input_is_one_clear_error_before_any_model(case, tmp_path, no_model_
     out = tmp_path / "out"
     kwargs = {"model_name_or_path": str(model_dir), "dataset_name": str(data_file), "output_dir": str(out)}
     kwargs.update(overrides)
+    _refused(stage, kwargs, words, data_file)
+
+
+def _refused(stage: str, kwargs: dict, words: list[str], bad_file) -> None:
+    """The stage refuses with one message on one line holding every word; the bad file is as it was (a data file
+    that does not exist stays absent) and no output folder appears."""
+    before = bad_file.read_bytes() if bad_file.is_file() else None
     with pytest.raises(UsageError) as e:
         getattr(hfrecipes, stage)(f"tiny/{stage}", **kwargs)
+    message = str(e.value)
+    assert "\n" not in message.strip(), f"more than one line: {message}"
     for word in words:
-        assert word in str(e.value), f"{word!r} not in: {e.value}"
-    assert not out.exists(), "a refused run must not create its output folder"
+        assert word in message, f"{word!r} not in: {message}"
+    assert (bad_file.read_bytes() if bad_file.is_file() else None) == before, "the bad file was changed"
+    assert not Path(kwargs["output_dir"]).exists(), "a refused run must not create its output folder"
 
 
 def test_conversational_data_without_chat_template(tiny_pretrained, tmp_path):
@@ -392,7 +404,14 @@ DAMAGED_MODELS = [
         {},
         ["model_name_or_path", "model.safetensors", "not a readable safetensors file", "download it again"],
     ),
-    ("safetensors-garbage", "dpo", "model.safetensors", b"\x00garbage" * 20, {}, ["not a readable safetensors"]),
+    (
+        "safetensors-garbage",
+        "dpo",
+        "model.safetensors",
+        b"\x00garbage" * 20,
+        {},
+        ["model.safetensors", "not a readable safetensors file"],
+    ),
     ("safetensors-empty", "reward", "model.safetensors", b"", {}, ["model.safetensors", "not a readable"]),
     ("config-empty", "sft", "config.json", "", {}, ["config.json", "is empty", "damaged"]),
     ("config-not-json", "reward", "config.json", "model_type: llama\n", {}, ["config.json", "not valid JSON"]),
@@ -407,7 +426,14 @@ DAMAGED_MODELS = [
         ["tokenizer.json", "not valid JSON"],
     ),
     ("tokenizer-config-empty", "dpo", "tokenizer_config.json", "  \n", {}, ["tokenizer_config.json", "is empty"]),
-    ("generation-config-cut-short", "sft", "generation_config.json", "{", {}, ["generation_config.json"]),
+    (
+        "generation-config-cut-short",
+        "sft",
+        "generation_config.json",
+        "{",
+        {},
+        ["generation_config.json", "not valid JSON"],
+    ),
     ("adapter-config-cut-short", "dpo", "adapter_config.json", '{"base_model_', {}, ["adapter_config.json"]),
     (
         "shard-index-names-a-missing-shard",
@@ -431,9 +457,16 @@ DAMAGED_MODELS = [
         "model.gguf",
         b"\x00garbage" * 20,
         {"model_name_or_path": "{file}"},
-        ["model.gguf", "GGUF magic"],
+        ["model.gguf", "not a readable GGUF file", "GGUF magic"],
     ),
-    ("gguf-header-cut-short", "reward", "model.gguf", _gguf()[:30], {"model_name_or_path": "{file}"}, ["GGUF"]),
+    (
+        "gguf-header-cut-short",
+        "reward",
+        "model.gguf",
+        _gguf()[:30],
+        {"model_name_or_path": "{file}"},
+        ["model.gguf", "not a readable GGUF file"],
+    ),
     (
         "gguf-file-in-folder-cut-short",
         "sft",
@@ -484,8 +517,4 @@ def test_damaged_model_file_is_one_clear_error_before_any_model(case, tmp_path, 
     places = {"folder": folder, "file": damaged, "empty": empty}
     kwargs = {"model_name_or_path": str(folder), "output_dir": str(out)}
     kwargs.update({k: v.format(**places) if isinstance(v, str) else v for k, v in overrides.items()})
-    with pytest.raises(UsageError) as e:
-        getattr(hfrecipes, stage)(f"tiny/{stage}", **kwargs)
-    for word in words:
-        assert word in str(e.value), f"{word!r} not in: {e.value}"
-    assert not out.exists(), "a refused run must not create its output folder"
+    _refused(stage, kwargs, words, damaged)

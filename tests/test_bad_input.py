@@ -1,15 +1,20 @@
 """Bad input across the whole CLI: each case gives one clear message naming what is wrong and exit code 2, no
 traceback (that needs --debug), and leaves every file the user already had as it was. Plus the safe defaults:
-pickled weights refused unless allowed, remote code off unless set."""
+pickled weights refused unless allowed, remote code off unless set. The rows run `cli.main` in this process; one row
+also runs as `python -m hfrecipes` in a process of its own. A data file or a model file a stage is given, damaged or
+of the wrong shape, is a row of tests/test_bad_data.py, which also checks that no model loads first."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets  # noqa: F401  (imported at collection, so its log handler writes to a stream that stays open)
 import pytest
+from conftest import subprocess_env
 
 from hfrecipes import cli, modeling
 
@@ -46,8 +51,6 @@ def user(tmp_path_factory) -> Path:
     (root / "finished").mkdir()
     (root / "finished" / "record.json").write_text(json.dumps({"stage": "sft", "run_id": "0", "status": "complete"}))
     (root / "a_file.txt").write_text("not a folder\n")
-    (root / "wrong_columns.jsonl").write_text('{"question": "hi", "reply": "hello"}\n')
-    (root / "empty.jsonl").write_text("")
     _damaged_models(root)
     _bad_data_files(root)
     (root / "broken_template.jinja").write_text("{% for m in messages %}{{ m.content")
@@ -81,9 +84,7 @@ def _damaged_models(root: Path) -> None:
     tokenizer = (root / "model" / "tokenizer.json").read_text()
     damage = {
         "weights_cut_short": ("model.safetensors", weights[: len(weights) // 2]),
-        "weights_garbage": ("model.safetensors", b"\x00garbage" * 64),
         "config_empty": ("config.json", b""),
-        "config_not_json": ("config.json", b"model_type: llama\n"),
         "tokenizer_cut_short": ("tokenizer.json", tokenizer[: len(tokenizer) // 2].encode()),
         "tokenizer_wrong_shape": ("tokenizer.json", b'{"model": {"type": "Nope"}}'),
         "generation_config_cut_short": ("generation_config.json", b"{"),
@@ -98,34 +99,19 @@ def _damaged_models(root: Path) -> None:
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     )
-    (root / "garbage.gguf").write_bytes(b"\x00garbage" * 64)
-    (root / "cut_short.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8))
+
+
+ROLES = ("tool", "bot", "narrator")
 
 
 def _bad_data_files(root: Path) -> None:
-    """Data files cut short partway through a line, or with rows a chat template cannot take."""
+    """Conversations a chat template cannot take."""
     conv = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 plus 3 is 5."}]
     good = "".join(json.dumps({"messages": conv}) + "\n" for _ in range(4))
-    files = {
-        "cut_short.jsonl": good + '{"messages": [{"role": "user", "content": "What is',
-        "unterminated.json": json.dumps([{"messages": conv}] * 4)[:-12],
-        "cut_in_a_quote.csv": 'prompt,completion\n"What is 2 plus 3?","5"\n"What is 4 plus 1?","4 plu',
-        "ragged.csv": "prompt,completion\nWhat is 2 plus 3?,5\nWhat is 4 plus 1?,5,6\n",
-        "cut_short.parquet": "PAR1 cut short",
-    }
-    for role in ("tool", "bot", "narrator"):
-        files[f"role_{role}.jsonl"] = good + json.dumps({"messages": [{"role": role, "content": "hi"}, conv[1]]})
-    messages = {
-        "no_content": [{"role": "user"}, conv[1]],
-        "int_content": [{"role": "user", "content": 3}, conv[1]],
-        "no_role": [{"content": "hi"}, conv[1]],
-        "two_user_turns": [conv[0], conv[0], conv[1]],
-    }
-    for name, m in messages.items():
-        files[f"{name}.jsonl"] = good + json.dumps({"messages": m}) + "\n"
+    files = {f"role_{r}.jsonl": json.dumps({"messages": [{"role": r, "content": "hi"}, conv[1]]}) for r in ROLES}
+    files["two_user_turns.jsonl"] = json.dumps({"messages": [conv[0], conv[0], conv[1]]}) + "\n"
     for name, text in files.items():
-        (root / name).write_text(text)
-    (root / "not_utf8.jsonl").write_bytes(good.encode() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+        (root / name).write_text(good + text)
 
 
 def _digest(root: Path) -> str:
@@ -141,7 +127,6 @@ PRE = ["pretrain", "--config", "tiny/pretrain", "--output_dir", "{out}"]
 SFT = ["sft", "--config", "tiny/sft", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 DPO = ["dpo", "--config", "tiny/dpo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 GRPO = ["grpo", "--config", "tiny/grpo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
-REWARD = ["reward", "--config", "tiny/reward", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 
 
 def _on(argv: list[str], model: str) -> list[str]:
@@ -162,7 +147,7 @@ CASES = {
     "invalid_yaml": (["pretrain", "--config", "{user}/bad_yaml.yaml"], ["not valid YAML"]),
     "recipe_not_a_mapping": (["pretrain", "--config", "{user}/a_list.yaml"], ["mapping", "list"]),
     "hub_token_in_recipe": (["pretrain", "--config", "{user}/hub_token.yaml"], ["hub_token", "HF_TOKEN"]),
-    "unknown_flag": ([*PRE, "--learning_rat", "0.1"], ["--learning_rat", "learning_rate"]),
+    "unknown_flag": ([*PRE, "--learning_rat", "0.1"], ["--learning_rat", "--learning_rate"]),
     "bad_flag_value": ([*PRE, "--max_steps", "ten"], ["max_steps"]),
     # out-of-range hyperparameters
     "negative_learning_rate": ([*PRE, "--learning_rate=-1e-3"], ["learning_rate", "-0.001"]),
@@ -181,10 +166,12 @@ CASES = {
     "zero_temperature": ([*GRPO, "--temperature", "0"], ["temperature"]),
     "unknown_reward_function": ([*GRPO, "--reward_funcs", "nosuch"], ["nosuch"]),
     # datasets
-    "unknown_tiny_dataset": ([*PRE, "--dataset_name", "tiny:nothing"], ["tiny:nothing"]),
+    "unknown_tiny_dataset": ([*PRE, "--dataset_name", "tiny:nothing"], ["tiny:nothing", "tiny:corpus"]),
     "dataset_file_missing": ([*SFT, "--dataset_name", "./missing.jsonl"], ["missing.jsonl", "does not exist"]),
-    "dataset_wrong_columns": ([*SFT, "--dataset_name", "{user}/wrong_columns.jsonl"], ["wrong_columns.jsonl"]),
-    "dataset_empty": ([*SFT, "--dataset_name", "{user}/empty.jsonl"], ["empty"]),
+    "pretrain_dataset_file_missing": (
+        [*PRE, "--dataset_name", "./missing.jsonl"],
+        ["dataset_name", "./missing.jsonl", "does not exist"],
+    ),
     "preference_stage_on_plain_text": ([*DPO, "--dataset_name", "tiny:corpus"], ["chosen"]),
     "bad_knowledge_cutoff": ([*PRE, "--knowledge_cutoff", "lastspring"], ["knowledge_cutoff"]),
     # paths and folders
@@ -203,7 +190,6 @@ CASES = {
         _on(SFT, "mismatch"),
         ["vocab_size", "64"],
     ),
-    "quantized_without_adapters": ([*SFT, "--load_in_4bit", "true"], ["use_peft"]),
     "lm_head_adapter": ([*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "lm_head"], ["lm_head"]),
     # devices
     "bf16_without_a_gpu": ([*PRE, "--bf16", "true"], ["bf16", "GPU"]),
@@ -243,28 +229,6 @@ CASES = {
         ["'learning_rate'", "nan"],
     ),
     "recipe_not_utf8": (["pretrain", "--config", "{user}/not_utf8.yaml"], ["not_utf8.yaml", "line 2", "UTF-8"]),
-    # data files cut short partway through a line: the file, the line, the fix
-    "dataset_jsonl_cut_short": (
-        [*SFT, "--dataset_name", "{user}/cut_short.jsonl"],
-        ["cut_short.jsonl", "line 5", "not valid JSON", "cut short"],
-    ),
-    "dataset_json_unterminated": (
-        [*SFT, "--dataset_name", "{user}/unterminated.json"],
-        ["unterminated.json", "line 1", "not valid JSON", "cut short"],
-    ),
-    "dataset_csv_cut_in_a_quote": (
-        [*SFT, "--dataset_name", "{user}/cut_in_a_quote.csv"],
-        ["cut_in_a_quote.csv", "line 3", "quoted field never closes"],
-    ),
-    "dataset_csv_ragged_line": (
-        [*SFT, "--dataset_name", "{user}/ragged.csv"],
-        ["ragged.csv", "line 3", "3 fields", "header 2"],
-    ),
-    "dataset_parquet_cut_short": (
-        [*SFT, "--dataset_name", "{user}/cut_short.parquet"],
-        ["cut_short.parquet", "not a readable Parquet file"],
-    ),
-    "dataset_not_utf8": ([*SFT, "--dataset_name", "{user}/not_utf8.jsonl"], ["not_utf8.jsonl", "line 5", "UTF-8"]),
     # conversations the chat template cannot take
     "role_tool_unknown_to_the_template": (
         [*SFT, "--dataset_name", "{user}/role_tool.jsonl"],
@@ -275,15 +239,6 @@ CASES = {
         [*SFT, "--dataset_name", "{user}/role_narrator.jsonl"],
         ["role 'narrator'"],
     ),
-    "message_without_content": (
-        [*SFT, "--dataset_name", "{user}/no_content.jsonl"],
-        ["row 4", "message 0", "has no 'content'"],
-    ),
-    "message_content_not_a_string": (
-        [*SFT, "--dataset_name", "{user}/int_content.jsonl"],
-        ["an int as 'content'", "expected a string"],
-    ),
-    "message_without_role": ([*SFT, "--dataset_name", "{user}/no_role.jsonl"], ["row 4", "has no 'role'"]),
     "template_raises_on_a_row": (
         [*_on(SFT, "alternating"), "--dataset_name", "{user}/two_user_turns.jsonl", "--assistant_only_loss", "false"],
         ["cannot render", "row 4", "Conversation roles must alternate"],
@@ -301,46 +256,11 @@ CASES = {
         [*GRPO, "--reward_funcs", "broken_reward:score"],
         ["broken_reward:score", "broken_reward.py", "line 2", "never closed"],
     ),
-    # damaged model files, wherever a model is named
-    "weights_cut_short": (
-        _on(SFT, "weights_cut_short"),
-        ["model_name_or_path", "model.safetensors", "not a readable safetensors file", "download it again"],
-    ),
-    "weights_garbage": (
-        _on(DPO, "weights_garbage"),
-        ["model.safetensors", "not a readable safetensors file"],
-    ),
-    "config_empty": (
-        _on(SFT, "config_empty"),
-        ["config.json", "is empty"],
-    ),
-    "config_not_json": (
-        _on(REWARD, "config_not_json"),
-        ["config.json", "not valid JSON"],
-    ),
-    "tokenizer_cut_short": (
-        _on(SFT, "tokenizer_cut_short"),
-        ["tokenizer.json", "not valid JSON"],
-    ),
+    # damaged model files: a tokenizer only loading shows wrong, and the folders export and generate read (each file
+    # damaged in a stage's model_name_or_path: tests/test_bad_data.py)
     "tokenizer_wrong_shape": (
         _on(SFT, "tokenizer_wrong_shape"),
         ["tokenizer", "could not be loaded", "download it again"],
-    ),
-    "generation_config_cut_short": (
-        _on(SFT, "generation_config_cut_short"),
-        ["generation_config.json", "not valid JSON"],
-    ),
-    "gguf_garbage": (
-        _on(SFT, "garbage.gguf"),
-        ["garbage.gguf", "not a readable GGUF file"],
-    ),
-    "gguf_cut_short": (
-        _on(SFT, "cut_short.gguf"),
-        ["cut_short.gguf", "not a readable GGUF file"],
-    ),
-    "reward_model_weights_cut_short": (
-        [*GRPO, "--reward_model_path", "{user}/weights_cut_short"],
-        ["reward_model_path", "model.safetensors", "not a readable safetensors file"],
     ),
     "export_weights_cut_short": (
         ["export", "{user}/weights_cut_short", "{out}", "--no-vllm"],
@@ -375,15 +295,29 @@ def test_bad_input(name, user, tmp_path, capsys, monkeypatch):
     argv = [a.format(user=user, out=tmp_path / "out") for a in argv]
     before = _digest(user)
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err
+    _assert_one_message(capsys.readouterr().err, words)
+    assert _digest(user) == before, "a file the user had was changed"
+    assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def _assert_one_message(err: str, words: list[str]) -> None:
+    """stderr holds one error message, on one line, with every word, and no traceback."""
     assert "Traceback" not in err
     assert err.count("hfrecipes: error:") == 1, err
     message = err[err.index("hfrecipes: error:") :]
     assert message.count("\n") == 1, err  # one message, on one line
     for word in words:
         assert word in message, f"{word!r} not in: {message}"
-    assert _digest(user) == before, "a file the user had was changed"
-    assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def test_a_row_from_a_shell_prints_its_message_and_exits_2(tmp_path):
+    """One row as a user meets it: `python -m hfrecipes` in a process of its own (the rows above call `cli.main`).
+    The row is one found before any heavy import, so the process is quick."""
+    argv, words = CASES["no_config"]
+    command = [sys.executable, "-m", "hfrecipes", *argv]
+    r = subprocess.run(command, env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_message(r.stderr, words)
 
 
 def test_debug_shows_the_traceback(user):
