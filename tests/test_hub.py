@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from hfrecipes import card, hub, record
 from hfrecipes.errors import UsageError
@@ -53,7 +54,7 @@ def stage_dir(tmp_path):
 
 
 def _env(server, tmp_path, token=TOKEN):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith(("HF_", "HUGGING"))}
     env.update(
         HF_ENDPOINT=server.url,
         HF_HOME=str(tmp_path / "hf_home"),
@@ -61,7 +62,6 @@ def _env(server, tmp_path, token=TOKEN):
         HF_HUB_DISABLE_TELEMETRY="1",
         HF_HUB_VERBOSITY="debug",  # the captured log is as talkative as it gets
         NO_PROXY="127.0.0.1,localhost",
-        PYTHONPATH=str(ROOT),
     )
     if token:
         env["HF_TOKEN"] = token
@@ -75,6 +75,15 @@ def _run(env, *args, code=None):
 
 def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _assert_no_token(*folders, repo=None):
+    """The token is in no file of the folders (each file read whole, at any depth) nor of the Hub's copy."""
+    for folder in folders:
+        found = [name for name, data in _files(folder).items() if TOKEN.encode() in data]
+        assert not found, f"the token is in {found} of {folder}"
+    if repo is not None:
+        assert not [name for name, data in repo.files.items() if TOKEN.encode() in data]
 
 
 def test_push_round_trip_is_byte_identical_and_a_second_push_is_a_no_op(server, stage_dir, tmp_path):
@@ -113,10 +122,7 @@ def test_push_round_trip_is_byte_identical_and_a_second_push_is_a_no_op(server, 
     assert f"Bearer {TOKEN}" in server.auth_headers
     for proc in (first, second, back):
         assert TOKEN not in proc.stdout + proc.stderr
-    for path in [*stage_dir.rglob("*"), *(tmp_path / "hf_home").rglob("*")]:
-        if path.is_file():
-            assert TOKEN.encode() not in path.read_bytes(), path
-    assert not any(TOKEN.encode() in data for data in repo.files.values())
+    _assert_no_token(stage_dir, tmp_path / "hf_home", repo=repo)
 
 
 def test_changed_file_makes_one_new_commit_with_only_that_file(server, stage_dir, tmp_path):
@@ -127,6 +133,7 @@ def test_changed_file_makes_one_new_commit_with_only_that_file(server, stage_dir
     assert again.returncode == 0, again.stderr
     commits = server.repos["me/x"].commits
     assert len(commits) == 2 and commits[-1]["files"] == ["sub/notes.txt"]
+    _assert_no_token(stage_dir, tmp_path / "hf_home", repo=server.repos["me/x"])
 
 
 def test_errors_never_show_the_token(server, stage_dir, tmp_path):
@@ -144,6 +151,7 @@ def test_errors_never_show_the_token(server, stage_dir, tmp_path):
         "not a finished stage folder"
         in _run(_env(server, tmp_path), "push", str(unfinished), "--repo-id", "a/b").stderr
     )
+    _assert_no_token(stage_dir, unfinished, tmp_path / "hf_home")  # a failed push writes it nowhere either
 
 
 def test_token_is_refused_in_recipes(tmp_path):
@@ -177,3 +185,4 @@ def test_push_to_hub_in_a_recipe_pushes_the_finished_stage(server, tmp_path):
     assert len(repo.commits) == 1 and repo.files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert "library_name: transformers" in repo.files["README.md"].decode()
     assert TOKEN not in proc.stdout + proc.stderr
+    _assert_no_token(out, tmp_path / "hf_home", repo=repo)  # the stage folder it wrote and pushed, at any depth
