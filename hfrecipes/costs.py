@@ -6,7 +6,8 @@ Training FLOPs are 6·N·D (forward 2·N, backward 4·N per token; Kaplan et al.
 Language Models", section 2.1), plus an optional attention term 6·n_layers·seq_len·d_model per token. Serving
 costs 2·N FLOPs per token (plus 2·n_layers·context·d_model for attention). Device-hours follow from a device's
 peak dense BF16 throughput and a utilisation (MFU); dollars from a price per device-hour; energy from device
-power x hours x PUE; CO2 from energy x grid intensity, or codecarbon's measurement when it is installed.
+power x hours x PUE; CO2 from energy x grid intensity, or codecarbon's measurement when it is installed (a
+measurement that fails says so, with its reason, beside the estimate that replaces it).
 
 Input and output tokens are priced apart. A prompt is read in one forward pass over all its tokens (prefill): many
 tokens share each read of the weights, so it is compute-bound, and is estimated at the training MFU of peak over
@@ -357,8 +358,10 @@ def stage_costs(
     device: dict[str, Any],
     script_args: Any = None,
     measured_co2_kg: float | None = None,
+    co2_failure: str | None = None,
 ) -> dict[str, Any]:
-    """Dollars, energy, CO2 and MFU of a finished stage, for `record.compute_summary`."""
+    """Dollars, energy, CO2 and MFU of a finished stage, for `record.compute_summary`. `measured_co2_kg` and
+    `co2_failure` are a `Measurement`'s `kg` and `failure` (`measured_emissions`)."""
     p = prices(device, script_args)
     hours = wall_seconds / 3600.0 * device.get("count", 1)
     kwh = energy_kwh(hours, p["power_watts"], p["pue"]) if p["power_watts"] is not None else None
@@ -367,6 +370,8 @@ def stage_costs(
     else:
         co2 = co2_kg(kwh, p["grid_gco2_per_kwh"]) if kwh is not None else None
         co2_source = "estimate: energy x grid intensity" if co2 is not None else "unknown"
+        if co2_failure:
+            co2_source += f", as the measurement failed ({co2_failure})"
     peak = p.pop("peak_flops")
     return {
         **p,
@@ -437,18 +442,33 @@ def serving(
     }
 
 
+@dataclass
+class Measurement:
+    """What `measured_emissions` measured: `kg` of CO2, or None; `failure` says why codecarbon, though installed,
+    gave no figure (None where it measured, or where it is not installed and the estimate is all there is)."""
+
+    kg: float | None = None
+    failure: str | None = None
+
+    def failed(self, what: str, error: BaseException | None = None) -> None:
+        self.kg = None
+        self.failure = f"codecarbon {what}" + (f": {type(error).__name__}: {error}" if error is not None else "")
+        logger.warning("%s; the record's CO2 is estimated from energy x grid intensity instead", self.failure)
+
+
 @contextlib.contextmanager
 def measured_emissions(output_dir: str, enabled: bool = True):
-    """Measure CO2 with codecarbon around a block when it is installed; `.kg` stays None otherwise.
+    """Measure CO2 with codecarbon around a block when it is installed; `.kg` stays None otherwise. A tracker that
+    cannot start or stop does not stop training: it logs a warning and leaves its reason in `.failure`, which the
+    record's `co2_source` repeats beside the estimate.
 
     with cost.measured_emissions(output_dir) as co2:
         trainer.train()
-    record.compute_summary(..., measured_co2_kg=co2.kg)
+    record.compute_summary(..., measured_co2_kg=co2.kg, co2_failure=co2.failure)
+
+    codecarbon's offline tracker reads no network: the grid intensity comes from its bundled data, for the
+    country named by its own settings (`CODECARBON_COUNTRY_ISO_CODE`, `.codecarbon.config`), else the world's.
     """
-
-    class Measurement:
-        kg: float | None = None
-
     result = Measurement()
     tracker = None
     if enabled:
@@ -457,11 +477,17 @@ def measured_emissions(output_dir: str, enabled: bool = True):
         except ImportError:
             OfflineEmissionsTracker = None
         if OfflineEmissionsTracker is not None:
+            # codecarbon logs its start-up notes before it applies log_level
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)
+            options = {"output_dir": str(output_dir), "log_level": "error"}
             try:
-                tracker = OfflineEmissionsTracker(output_dir=str(output_dir), save_to_file=False, log_level="error")
+                try:  # no emissions file: `output_methods` where codecarbon has it (it deprecates `save_to_file`)
+                    tracker = OfflineEmissionsTracker(**options, output_methods=[])
+                except TypeError:
+                    tracker = OfflineEmissionsTracker(**options, save_to_file=False)
                 tracker.start()
             except Exception as e:  # a tracker that cannot read the hardware must not stop training
-                logger.warning("codecarbon could not start (%s); CO2 will be estimated instead", e)
+                result.failed("could not start", e)
                 tracker = None
     try:
         yield result
@@ -469,9 +495,13 @@ def measured_emissions(output_dir: str, enabled: bool = True):
         if tracker is not None:
             try:
                 kg = tracker.stop()
-                result.kg = float(kg) if kg is not None else None
             except Exception as e:
-                logger.warning("codecarbon could not measure (%s); CO2 will be estimated instead", e)
+                result.failed("could not measure", e)
+            else:
+                if isinstance(kg, (int, float)) and math.isfinite(kg) and kg >= 0:
+                    result.kg = float(kg)
+                else:
+                    result.failed(f"measured no figure (it gave {kg!r})")
 
 
 # ------------------------------------------------------------------------------------------------ planner

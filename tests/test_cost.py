@@ -160,27 +160,86 @@ def test_stage_costs_unknown_device_and_recipe_price():
     assert priced["co2_kg"] == pytest.approx(2 * 0.45 * 1.2 * 475 / 1000)
 
 
-def test_codecarbon_measurement_is_used_when_installed(monkeypatch, tmp_path):
+def test_codecarbon_measures_for_real_and_offline(monkeypatch, tmp_path):
+    """The real offline tracker around a block of work: a positive figure, read without the network (every socket
+    refused), nothing written into the stage folder, and the record's CO2 source says it was measured."""
+    pytest.importorskip("codecarbon")
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("codecarbon's offline tracker reached for the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with measured_emissions(str(tmp_path)) as co2:
+        sum(i * i for i in range(2_000_000))
+    assert co2.failure is None and isinstance(co2.kg, float) and 0 < co2.kg < 1e-3, co2
+    assert list(tmp_path.iterdir()) == []
+    costs = stage_costs(1e12, 10.0, {"kind": "cpu", "name": "x", "count": 1}, measured_co2_kg=co2.kg)
+    assert (costs["co2_kg"], costs["co2_source"]) == (co2.kg, "codecarbon")
+
+
+def _tracker(start=None, stop=0.042):
+    """A stand-in for codecarbon's `OfflineEmissionsTracker`: `start` an exception it raises, `stop` what it returns
+    (or an exception it raises)."""
+
     class Tracker:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
+        def __init__(self, output_dir, output_methods, log_level):
+            assert output_methods == []  # no emissions file
 
         def start(self):
-            pass
+            if start is not None:
+                raise start
 
         def stop(self):
-            return 0.042
+            if isinstance(stop, Exception):
+                raise stop
+            return stop
 
-    monkeypatch.setitem(sys.modules, "codecarbon", types.SimpleNamespace(OfflineEmissionsTracker=Tracker))
+    return types.SimpleNamespace(OfflineEmissionsTracker=Tracker)
+
+
+def test_codecarbon_measurement_is_used_and_its_absence_is_an_estimate(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "codecarbon", _tracker())
     with measured_emissions(str(tmp_path)) as co2:
         pass
-    assert co2.kg == 0.042
-    costs = stage_costs(1e12, 10.0, {"kind": "cpu", "name": "x", "count": 1}, measured_co2_kg=co2.kg)
-    assert (costs["co2_kg"], costs["co2_source"]) == (0.042, "codecarbon")
-    monkeypatch.setitem(sys.modules, "codecarbon", None)  # not installed
+    assert (co2.kg, co2.failure) == (0.042, None)
+    monkeypatch.setitem(sys.modules, "codecarbon", None)  # not installed: the estimate, with nothing to explain
     with measured_emissions(str(tmp_path)) as co2:
         pass
-    assert co2.kg is None
+    assert (co2.kg, co2.failure) == (None, None)
+    costs = stage_costs(1e12, 3600.0, {"kind": "cpu", "name": "x", "count": 1}, measured_co2_kg=None)
+    assert costs["co2_source"] == "estimate: energy x grid intensity" and costs["co2_kg"] > 0
+
+
+@pytest.mark.parametrize(
+    "tracker,reason",
+    [
+        (_tracker(start=PermissionError("/sys/class/powercap: denied")), "could not start: PermissionError"),
+        (_tracker(stop=RuntimeError("no samples")), "could not measure: RuntimeError: no samples"),
+        (_tracker(stop=None), "measured no figure (it gave None)"),
+        (_tracker(stop=float("nan")), "measured no figure (it gave nan)"),
+    ],
+    ids=["start", "stop", "none", "nan"],
+)
+def test_a_failed_measurement_is_a_warning_and_an_estimate_that_says_why(
+    tracker, reason, monkeypatch, tmp_path, caplog
+):
+    """Training goes on; the warning and the record's CO2 source both say the figure is an estimate because the
+    measurement failed, and why."""
+    monkeypatch.setitem(sys.modules, "codecarbon", tracker)
+    ran = False
+    with caplog.at_level("WARNING", logger="hfrecipes.costs"), measured_emissions(str(tmp_path)) as co2:
+        ran = True
+    assert ran and co2.kg is None and reason in co2.failure, co2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert reason in warning and "estimated" in warning
+    costs = stage_costs(
+        1e12, 3600.0, {"kind": "cpu", "name": "x", "count": 1}, measured_co2_kg=co2.kg, co2_failure=co2.failure
+    )
+    assert costs["co2_kg"] == pytest.approx(costs["energy_kwh"] * 475 / 1000)
+    assert costs["co2_source"].startswith("estimate: energy x grid intensity, as the measurement failed (")
+    assert reason in costs["co2_source"]
 
 
 def test_serving_without_a_parameter_count_or_device_is_unknown_not_an_error():
