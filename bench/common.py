@@ -1,6 +1,7 @@
-"""Helpers the CPU benchmarks share: a step timer slipped into a stage's trainer, tiny parent checkpoints, medians.
+"""Helpers the benchmarks share: a step timer slipped into a stage's trainer, a timer of every generation call, tiny
+parent checkpoints, medians.
 
-Not a benchmark itself; see `bench/training_overhead.py`, `bench/packing.py`, `bench/rl_rollouts.py`.
+Not a benchmark itself; see `bench/training_overhead.py`, `bench/packing.py`, `bench/rl_rollouts.py`, `bench/gpu.sh`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class StepTimes:
         self.resumed: list[float] = []  # when the trainer got control back after the `after_step` hook
         self.train_dataloader = None
         self.trainer_args = None
+        self.model_dtype = None  # of the trained weights, e.g. "float32"
+        self.attn_implementation = None
 
     def per_step(self, skip: int) -> list[float]:
         """Seconds of each step of the stage (the hook's time left out), the first `skip` steps left out (warm-up)."""
@@ -26,29 +29,40 @@ class StepTimes:
 
 
 @contextlib.contextmanager
-def timed_steps(on_begin=None, after_step=None):
+def timed_steps(on_begin=None, after_step=None, sync_steps: set[int] | None = None):
     """Inside this block every stage's trainer also reports its step ends to the yielded `StepTimes`.
 
     `on_begin(train_dataloader, args)` runs when training begins; `after_step(step)` after every step, outside the
     stage's timing (so a hand-written loop can take one step between two of the stage's, and both sides see the
     same moments of a noisy machine). The stages build their callbacks with `record.metrics_callback(output_dir)`;
-    this wraps that one callback, so the stage itself runs unchanged.
+    this wraps that one callback, so the stage itself runs unchanged. On a CUDA device the stamps of the steps in
+    `sync_steps` (None: every step) first wait for the queued kernels, so the time between two of them is the
+    device's, not the host's, which runs ahead; a wait at every step would idle the device while the host prepares
+    the next one, so a rate over a window syncs at its two ends only.
     """
+    import torch
+
     from hfrecipes import record
 
     times = StepTimes()
     original = record.metrics_callback
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
     def wrapped(output_dir):
         inner = original(output_dir)
 
         class Timed(type(inner)):
-            def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
                 times.train_dataloader, times.trainer_args = train_dataloader, args
+                if model is not None:
+                    times.model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                    times.attn_implementation = getattr(model.config, "_attn_implementation", None)
                 if on_begin is not None:
                     on_begin(train_dataloader, args)
 
             def on_step_end(self, args, state, control, **kwargs):
+                if sync_steps is None or state.global_step in sync_steps:
+                    sync()
                 times.stamps.append(time.perf_counter())
                 if after_step is not None:
                     after_step(state.global_step)
@@ -63,6 +77,79 @@ def timed_steps(on_begin=None, after_step=None):
         yield times
     finally:
         record.metrics_callback = original
+
+
+@contextlib.contextmanager
+def timed_generate():
+    """Yields a list that collects (start, end) of every generation call made inside the block: transformers'
+    `generate`, and with vLLM TRL's colocated `generate` and the weight sync before it."""
+    from transformers.generation.utils import GenerationMixin
+
+    from hfrecipes import inference
+
+    targets = [(GenerationMixin, "generate")]
+    if inference.vllm_available():
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        # TRL's sync, or the one hfrecipes binds to the instance under vLLM >= 0.32 (looked up when it binds it)
+        targets += [
+            (VLLMGeneration, "generate"),
+            (VLLMGeneration, "sync_weights"),
+            (inference, "colocate_reload_weights"),
+        ]
+    calls: list[tuple[float, float]] = []
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+
+    def timed(original):
+        def call(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                calls.append((start, time.perf_counter()))
+
+        return call
+
+    for owner, name, original in originals:
+        setattr(owner, name, timed(original))
+    try:
+        yield calls
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def shares(stamps: list[float], begins: list[float], calls: list[tuple[float, float]], skip: int):
+    """(seconds per step, generation seconds per step) of each step after the first `skip`."""
+    out = []
+    for i in range(skip, len(stamps)):
+        begin, end = begins[i], stamps[i]
+        gen = sum(min(e, end) - max(s, begin) for s, e in calls if e > begin and s < end)
+        out.append((end - begin, gen))
+    return out
+
+
+def generation_shares(stage: str, recipe: str | None, overrides: dict, skip: int):
+    """Run `stage` from `recipe` (None: the stage's defaults) with `overrides`; returns `shares` of its steps: the
+    seconds of each step after the first `skip`, and the seconds of it spent in generation calls."""
+    import hfrecipes
+    from hfrecipes import record
+
+    begins: list[float] = []
+    with timed_steps() as times, timed_generate() as calls:
+        timed = record.metrics_callback  # the step-end timer of `timed_steps`; step begins are added here
+
+        def with_begin(output_dir):
+            cb = timed(output_dir)
+            cb.on_step_begin = lambda *a, **k: begins.append(time.perf_counter())
+            return cb
+
+        record.metrics_callback = with_begin
+        try:
+            getattr(hfrecipes, stage)(recipe, **overrides)
+        finally:
+            record.metrics_callback = timed
+    return shares(times.stamps, begins, calls, skip)
 
 
 def parents(workdir: str, steps: int = 10) -> tuple[str, str]:

@@ -1,39 +1,46 @@
 #!/usr/bin/env bash
-# Every GPU measurement of hfrecipes in one run, under 8 minutes on one H100/H200; prints everything as it goes.
-#   bash bench/gpu.sh            # on a GPU machine with torch, transformers, peft, accelerate
-#   bash bench/gpu.sh --smoke    # the same parts, tiny shapes, on a CPU (seconds to a few minutes)
-# trl, datasets, bitsandbytes, vllm and liger-kernel are installed from wheels in .whl/ when that folder exists
-# (no network is needed); a part whose packages are missing prints one "skipped:" line. Models are built from configs
-# with random weights.
-#   1. pretraining MFU of a ~125M Llama, bf16, SDPA; + Liger fused kernels (when installed); + torch.compile
-#   2. peak memory and step time of full vs LoRA vs QLoRA fine-tuning of a ~0.5B model (bench/qlora_gpu.py)
-#   3. GRPO seconds per step with transformers generation and with vLLM colocate
-#   4. generation: vLLM batched vs transformers batched (bench/inference_throughput.py)
+# hfrecipes' stages on one GPU, each timed beside its baseline in the same run; under 8 minutes on one H100/H200.
+#   bash bench/gpu.sh            # prints every measurement as it is made, then a summary table for docs/performance.md
+#   bash bench/gpu.sh --smoke    # every part with tiny shapes on a CPU (about 2 minutes): proves the code paths
+# Each measurement is also one JSON line in $BENCH_OUT/results.jsonl (BENCH_OUT: a new temporary folder unless set).
+# On the GPU machine the wheels in .whl/ (trl, datasets, liger-kernel, bitsandbytes, ...) are installed into
+# /tmp/site first, without network; a part whose packages are missing prints one "skipped:" line. hfrecipes runs
+# from this checkout (PYTHONPATH), installed or not. Models are built from configs with random weights.
+#   1. pretrain stage vs a hand-written loop (~123M Llama, batch 16 x 2048): default flags, torch_compile,
+#      use_liger_kernel; tokens/s, ratio, MFU over the measured bf16 matmul rate and the nominal peak
+#   2. sft, reward, dpo stages vs plain TRL trainers on the same model, data and config: steady seconds per step
+#   3. grpo, ppo stages: seconds per step and the share of it spent generating
+#   4. full vs LoRA vs QLoRA at 7B: peak memory and step time
+# Each part runs in its own process under its own time cap (and what is left of BUDGET seconds); a part that stops
+# prints one "part N stopped" line and the run goes on.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-PY=${PYTHON:-$(command -v python || command -v python3)}
-SMOKE=""; DEVICE=""
-if [ "${1:-}" = "--smoke" ]; then SMOKE="--smoke"; DEVICE="--device cpu"; fi
+SMOKE=""
+[ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export BENCH_OUT=${BENCH_OUT:-$(mktemp -d)}
+mkdir -p "$BENCH_OUT" && : >"$BENCH_OUT/results.jsonl"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
-BUDGET=${BUDGET:-460}  # seconds for everything; each part gets at most its own cap and what is left of this
+BUDGET=${BUDGET:-470}
 part() { echo; echo "== $1 ($(( $(date +%s) - START )) s elapsed)"; }
 cap() { local left=$(( BUDGET - ($(date +%s) - START) )); [ "$left" -lt "$1" ] && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
-has() { $PY -c "import $1" >/dev/null 2>&1; }
+run_part() {  # number, cap in seconds, subcommand
+  timeout -k 10 "$(cap "$2")" "$PY" bench/gpu_bench.py "$3" $SMOKE --work "$WORK" || echo "part $1 stopped (exit $?)"
+}
 
 part "environment"
-if [ -d .whl ]; then
-  for pkg in trl datasets bitsandbytes vllm liger-kernel; do
-    $PY -m pip install -q --no-index --find-links .whl "$pkg" >/dev/null 2>&1 && echo "installed $pkg from .whl/" \
-      || echo "not installed from .whl/: $pkg"
-  done
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ] && [ -z "$SMOKE" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH || echo "installing .whl/ failed: the installed packages are used"
 fi
-$PY - <<'PY'
+"$PY" - <<'PY'
 import importlib.metadata as md
 
-import torch
+names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "bitsandbytes", "triton"]
 
 
 def version(name):
@@ -43,39 +50,21 @@ def version(name):
         return "-"
 
 
-names = ["torch", "transformers", "peft", "accelerate", "trl", "datasets", "bitsandbytes", "vllm", "liger-kernel"]
 print(", ".join(f"{n} {version(n)}" for n in names))
-print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA device)")
 PY
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "results: $BENCH_OUT/results.jsonl"
 
-part "1. pretraining MFU (~125M Llama)"
-timeout $(cap 170) $PY bench/gpu_bench.py pretrain $SMOKE $DEVICE || echo "part 1 stopped (exit $?)"
+part "1. pretrain stage vs a hand-written loop"
+run_part 1 200 pretrain
+part "2. sft, reward, dpo stages vs plain TRL"
+run_part 2 100 finetune
+part "3. grpo, ppo stages: generation share"
+run_part 3 80 rl
+part "4. full vs LoRA vs QLoRA at 7B"
+run_part 4 80 memory
 
-part "2. memory: full vs LoRA vs QLoRA (~0.5B)"
-MODES=full,lora,qlora
-has bitsandbytes || { MODES=full,lora; echo "skipped: QLoRA (bitsandbytes not installed)"; }
-if [ -n "$SMOKE" ]; then
-  timeout $(cap 120) $PY bench/qlora_gpu.py --tiny --device cpu --modes "$MODES" --steps 4 --warmup 1 || echo "part 2 stopped (exit $?)"
-else
-  timeout $(cap 110) $PY bench/qlora_gpu.py --modes "$MODES" --steps 8 --warmup 3 || echo "part 2 stopped (exit $?)"
-fi
-
-part "3. GRPO step time: transformers vs vLLM colocate generation"
-timeout $(cap 40) $PY bench/gpu_bench.py build "$WORK/model" $SMOKE $DEVICE || echo "model build stopped (exit $?)"
-if has trl && has datasets; then
-  timeout $(cap 60) $PY bench/gpu_bench.py grpo "$WORK/model" $SMOKE $DEVICE || echo "part 3 (transformers) stopped (exit $?)"
-  if has vllm && [ -z "$SMOKE" ]; then
-    timeout $(cap 100) $PY bench/gpu_bench.py grpo "$WORK/model" --vllm || echo "part 3 (vLLM) stopped (exit $?)"
-  else
-    echo "skipped: GRPO with vLLM colocate (vllm not installed, or a CPU smoke run)"
-  fi
-else
-  echo "skipped: GRPO (trl and datasets not installed)"
-fi
-
-part "4. generation: vLLM vs transformers"
-if [ -n "$SMOKE" ]; then ARGS="--prompts 16 --single 4 --max_new_tokens 8"; else ARGS="--prompts 512 --single 16 --max_new_tokens 128 --batch_size 128"; fi
-timeout $(cap 90) $PY bench/inference_throughput.py "$WORK/model" $ARGS || echo "part 4 stopped (exit $?)"
-has vllm || echo "skipped: vLLM generation (vllm not installed)"
-
-part "done"
+part "summary"
+"$PY" bench/gpu_bench.py summary
+echo
+echo "results: $BENCH_OUT/results.jsonl ($(( $(date +%s) - START )) s in all)"

@@ -1,26 +1,41 @@
-"""The GPU measurements `bench/gpu.sh` runs, one part per subcommand, each printing its own lines (`--smoke` shrinks
-every shape so the same code runs on a CPU in seconds).
+"""hfrecipes' stages on one GPU, each timed beside its baseline in the same run. `bench/gpu.sh` runs every part in
+its own process under its own time cap, then prints the summary.
 
-    python bench/gpu_bench.py pretrain            # bf16 matmul rate; MFU of a ~125M Llama: SDPA, + Liger, + compile
-    python bench/gpu_bench.py build DIR           # a ~125M Llama with the tiny tokenizer, saved to DIR (no downloads)
-    python bench/gpu_bench.py grpo DIR [--vllm]   # GRPO seconds per step, transformers or vLLM (colocate) generation
-    python bench/gpu_bench.py pretrain --smoke --device cpu
+    python bench/gpu_bench.py pretrain   # 1. pretrain stage vs a hand-written loop: default, compile, Liger; MFU
+    python bench/gpu_bench.py finetune   # 2. sft, reward, dpo stages vs plain TRL trainers: steady seconds per step
+    python bench/gpu_bench.py rl         # 3. grpo and ppo stages: seconds per step, share of it spent generating
+    python bench/gpu_bench.py memory     # 4. full vs LoRA vs QLoRA at 7B: peak memory and step time
+    python bench/gpu_bench.py summary    # every measurement in $BENCH_OUT/results.jsonl as a markdown table
+    python bench/gpu_bench.py pretrain --smoke   # tiny shapes, a few steps, on a CPU: the same code paths
 
-MFU counts 6*N FLOPs per trained token plus the attention's 12*layers*hidden*seq, over the card's nominal dense bf16
-peak (H100/H200 SXM: 989 TFLOP/s) and over the matmul rate measured here. Models are built from configs with random
-weights; nothing is downloaded.
+Steady state everywhere: the first steps of every run (CUDA warm-up, the optimizer's first step, compilation) are
+left out, and a stage is timed from a callback at each optimizer step's end (`bench.common.timed_steps`). Each
+measurement is printed as a plain line as it is made and appended as one JSON line to `$BENCH_OUT/results.jsonl`
+(`RESULTS_KEYS`); the stage folders live in a scratch folder (`--work`), and no record is written to.
+Models are built from configs with random weights and the data is generated or bundled: nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import datetime as dt
+import importlib.util
+import json
 import os
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+RESULTS = "results.jsonl"
+RESULTS_KEYS = (
+    "part", "name", "value", "unit", "baseline", "baseline_value", "ratio", "target", "met", "details", "device",
+    "smoke", "commit", "time",
+)  # fmt: skip
+# Nominal dense bf16 tensor-core peak per device (vendor data sheets, SXM parts).
 NOMINAL_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+# The pretraining shape: a SmolLM-like Llama, 123M parameters with the 49,152-token vocabulary (tied embeddings).
 LLAMA_125M = dict(
     vocab_size=49152,
     hidden_size=768,
@@ -36,246 +51,278 @@ LLAMA_SMOKE = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
-    num_attention_heads=2,
+    num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=256,
     tie_word_embeddings=True,
 )
 
 
-def sync(device: str) -> None:
+def cuda() -> bool:
     import torch
 
-    if device == "cuda":
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def matmul_rate(device: str, smoke: bool) -> float:
+def nominal_peak() -> float | None:
+    """The device's nominal dense bf16 peak in FLOP/s; None on a CPU or an unlisted GPU."""
+    name = device_name()
+    return next((v for k, v in NOMINAL_BF16.items() if k in name), None) if cuda() else None
+
+
+def matmul_rate(smoke: bool) -> tuple[float, str]:
+    """Measured FLOP/s of a square matmul: bf16 8192^3 on a GPU (fp32 512^3 in a CPU smoke run), and its label."""
     import torch
 
-    n, dtype = (512, torch.float32) if smoke else (8192, torch.bfloat16)
+    n, dtype = (512, torch.float32) if smoke or not cuda() else (8192, torch.bfloat16)
+    device = "cuda" if cuda() else "cpu"
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    sync(device)
+    sync()
     reps = 5 if smoke else 50
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start), f"{str(dtype).removeprefix('torch.')} matmul rate, {n}^3"
 
 
-def nominal_peak(device: str) -> float | None:
+def missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def window_rate(stamps: list[float], skip: int) -> float:
+    """Steps per second between the end of step `skip` and the last stamp (stamps: the end of every step)."""
+    if len(stamps) <= skip:
+        raise RuntimeError(f"{len(stamps)} steps timed, fewer than the {skip} warm-up steps and one more")
+    return (len(stamps) - skip) / (stamps[-1] - stamps[skip - 1])
+
+
+def quiet_stage(work: Path, name: str) -> dict:
+    """Keys every benchmarked stage run takes: a new folder under `work`, no checkpoints, no reporting, no progress
+    bars, no held-out split."""
+    out = tempfile.mkdtemp(dir=work, prefix=f"{name}-")
+    return dict(output_dir=out, save_strategy="no", report_to="none", dataset_test_split="", seed=0, disable_tqdm=True)
+
+
+def steady_of(record: dict | None) -> dict:
+    """What the stage record says about its speed: steady-state and whole-run tokens/s, and MFU."""
+    compute = (record or {}).get("compute") or {}
+    steady = compute.get("steady") or {}
+    return {
+        "record_steady_tokens_per_second": steady.get("tokens_per_second"),
+        "record_steady_mfu": steady.get("mfu"),
+        "record_tokens_per_second": compute.get("tokens_per_second"),
+        "record_precision": compute.get("precision"),
+    }
+
+
+def free_memory() -> None:
+    import gc
+
     import torch
 
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in NOMINAL_BF16.items() if k in name), None)
-
-
-def pretrain_variant(variant: str, shape: dict, device: str, batch: int, seq: int, steps: int, warmup: int):
-    """Tokens/s and peak memory of a plain bf16-autocast training loop (AdamW, clipping) on random tokens."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if "liger" in variant:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama()
-    config = AutoConfig.for_model("llama", **shape, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(device)
-    n = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device == "cuda")
-    step_model = torch.compile(model) if "compile" in variant else model
-    data = torch.randint(0, shape["vocab_size"], (steps, batch, seq), device=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-            loss = step_model(input_ids=data[i], labels=data[i]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    del model, step_model, opt
-    if device == "cuda":
+    gc.collect()
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return batch * seq / statistics.median(times[warmup:]), peak, n
 
 
-def cmd_pretrain(args) -> None:
-    import importlib.util
+def short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
-    import torch
 
-    shape = LLAMA_SMOKE if args.smoke else LLAMA_125M
-    batch, seq = (4, 64) if args.smoke else (args.batch, args.seq)
-    steps, warmup = (6, 2) if args.smoke else (args.steps, args.warmup)
-    rate = matmul_rate(args.device, args.smoke)
-    peak = nominal_peak(args.device)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"device: {device_name}; torch {torch.__version__}")
-    print(
-        f"measured {'bf16' if not args.smoke else 'fp32'} matmul rate: {rate / 1e12:.3g} TFLOP/s"
-        + (f" (nominal dense bf16 peak {peak / 1e12:.0f})" if peak else "")
-    )
-    variants = ["sdpa"]
-    if importlib.util.find_spec("liger_kernel"):
-        variants.append("sdpa+liger")
-    else:
-        print("skipped: Liger kernels (liger_kernel not installed)")
-    # Liger patches the Llama classes for the rest of the process, so its variants come last
-    variants.insert(1, "sdpa+compile")
-    if "sdpa+liger" in variants:
-        variants.append("sdpa+liger+compile")
-    print(f"{'variant':<22}{'tokens/s':>12}{'MFU (nominal)':>15}{'MFU (measured mm)':>19}{'peak GiB':>10}")
-    best = None
-    for variant in variants:
-        try:
-            tps, mem, n = pretrain_variant(variant, shape, args.device, batch, seq, steps, warmup)
-        except Exception as e:  # one variant failing (a kernel, the compiler) leaves the others
-            print(f"{variant:<22} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            continue
-        layers, hidden = shape["num_hidden_layers"], shape["hidden_size"]
-        flops = (6 * n + 12 * layers * hidden * seq) * tps
-        mfu = flops / peak if peak else float("nan")
-        nominal = f"{mfu:.1%}" if peak else "n/a"
-        print(f"{variant:<22}{tps:>12.0f}{nominal:>15}{flops / rate:>19.1%}{mem:>10.1f}")
-        if best is None or tps > best[1]:
-            best = (variant, tps, mfu, flops / rate)
-    print(
-        f"pretrain model: Llama {n / 1e6:.3g}M parameters, batch {batch} x {seq} tokens, bf16 autocast, AdamW; "
-        f"{steps - warmup} timed steps after {warmup}"
-    )
-    if best:
-        print(
-            f"summary pretrain: best {best[0]} at {best[1]:.0f} tokens/s, MFU "
-            f"{f'{best[2]:.1%}' if peak else 'n/a'} of the nominal peak, "
-            f"{best[3]:.1%} of the measured matmul rate (target on an H100: >= 40%)"
+# ------------------------------------------------------------------------------------------------ results
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "fraction":
+        return f"{value:.1%}"
+    if unit == "tokens/s":
+        return f"{value:,.0f} tokens/s"
+    if unit == "s/step":
+        return f"{value:.3g} s/step"
+    if unit == "GiB":
+        return f"{value:.2f} GiB"
+    return f"{value:.3g} {unit}"
+
+
+def fmt_target(target: dict | None) -> str:
+    if not target:
+        return ""
+    threshold = f"{target['threshold']:.0%}" if target["on"] == "value" else f"{target['threshold']:.2f}x"
+    return f"{target['on']} {target['op']} {threshold}"
+
+
+class Results:
+    """Prints each measurement as one plain line and appends it to `$BENCH_OUT/results.jsonl`."""
+
+    def __init__(self, part: str, smoke: bool):
+        out = Path(os.environ.get("BENCH_OUT") or tempfile.mkdtemp(prefix="hfrecipes-bench-"))
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / RESULTS
+        self.part, self.smoke = part, smoke
+        self.device = device_name()
+        self.commit = _commit()
+
+    def emit(self, name: str, value: float, unit: str, *, baseline: str | None = None, baseline_value=None,
+             ratio: float | None = None, target: tuple[str, str, float] | None = None, **details) -> dict:  # fmt: skip
+        """One measurement. `ratio`: the stage against its baseline, oriented so higher is better for speed (and
+        lower for memory); `target`: (on "ratio" or "value", ">=" or "<=", threshold)."""
+        goal = dict(zip(("on", "op", "threshold"), target, strict=True)) if target else None
+        met = None
+        if goal:
+            x = ratio if goal["on"] == "ratio" else value
+            met = None if x is None else (x >= goal["threshold"] if goal["op"] == ">=" else x <= goal["threshold"])
+        row = {
+            "part": self.part,
+            "name": name,
+            "value": value,
+            "unit": unit,
+            "baseline": baseline,
+            "baseline_value": baseline_value,
+            "ratio": ratio,
+            "target": goal,
+            "met": met,
+            "details": details,
+            "device": self.device,
+            "smoke": self.smoke,
+            "commit": self.commit,
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        line = f"{name}: {fmt(value, unit)}"
+        if baseline:
+            line += f" | {baseline}: {fmt(baseline_value, unit)}"
+        if ratio is not None:
+            line += f" | ratio {ratio:.2f}x"
+        if goal:
+            line += f" | target {fmt_target(goal)}: {'met' if met else 'NOT met'}"
+        print(line, flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        return row
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
         )
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
-def cmd_build(args) -> None:
-    """A random-weight Llama with the tiny tokenizer (chat template included), saved as a model folder."""
+def summary(path: Path) -> str:
+    """The markdown table of every measurement in `path`, rows as `docs/performance.md` has them."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not rows:
+        return f"no measurements in {path}"
+    first = rows[0]
+    lines = [
+        f"device: {first['device']}; commit {first['commit']}; {first['time'][:10]}"
+        + ("; SMOKE RUN (tiny shapes on a CPU: not a measurement)" if first["smoke"] else ""),
+        "",
+        "| part | measurement | result | baseline (same run) | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = f"{r['baseline']}: {fmt(r['baseline_value'], r['unit'])}" if r["baseline"] else ""
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        target = fmt_target(r["target"]) + ({True: " (met)", False: " (not met)"}.get(r["met"], ""))
+        lines.append(f"| {r['part']} | {r['name']} | {fmt(r['value'], r['unit'])} | {base} | {ratio} | {target} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- the fine-tuning model
+
+
+def finetune_model(work: Path, smoke: bool) -> str:
+    """The model parts 2 and 3 fine-tune: the pretraining shape (~125M, 49,152-token vocabulary) with random fp32
+    weights and the tiny tokenizer (chat template included; the ids past it are never fed, and a sampled one decodes
+    to nothing), built once under `work` (a tiny Llama in a smoke run)."""
+    folder = work / "model"
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hfrecipes.tiny import corpus, task
     from hfrecipes.tiny.tokenizer import train_tokenizer
 
-    texts = [d["text"] for d in corpus.documents(2000)] + [task.answer(a, b) for a, b in task.all_pairs()[:2000]]
-    tok = train_tokenizer(texts, vocab_size=2048, model_max_length=2048)
-    shape = dict(LLAMA_SMOKE if args.smoke else LLAMA_125M, vocab_size=len(tok))
+    tok = train_tokenizer([d["text"] for d in corpus_documents(smoke)], vocab_size=2048, model_max_length=2048)
+    shape = dict(LLAMA_SMOKE, vocab_size=len(tok)) if smoke else LLAMA_125M
     config = AutoConfig.for_model(
-        "llama",
-        **shape,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        "llama", **shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(args.dir)
-    tok.save_pretrained(args.dir)
-    print(f"built {args.dir}: Llama {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters")
+    staging = Path(tempfile.mkdtemp(dir=work, prefix=".model-"))
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    staging.rename(folder)  # whole or not there: a part stopped while saving leaves no half model to the next
+    print(f"fine-tuning model: Llama {model.num_parameters() / 1e6:.3g}M parameters, random weights, tiny tokenizer")
+    return str(folder)
 
 
-def cmd_grpo(args) -> None:
-    """Seconds per GRPO step with transformers generation, or with vLLM in colocate mode (same process, same GPU)."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+def corpus_documents(smoke: bool) -> list[dict]:
+    from hfrecipes.tiny import corpus
 
-    from hfrecipes.tiny import task
+    return corpus.documents(200 if smoke else 2000)
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "localhost")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", "29511")
-    tok = AutoTokenizer.from_pretrained(args.dir)
-    tok.padding_side = "left"
-    pairs = task.split_pairs()["rl"]
-    prompts = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": task.question(a, b)}]} for a, b in pairs[:512]]
-    )
 
-    def length_reward(completions, **kwargs):  # any cheap reward: the timing is what is measured
-        return [float(len(c[0]["content"]) % 7) for c in completions]
-
-    stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
-
-    gen = 8 if args.smoke else args.max_completion_length
-    config = GRPOConfig(
-        output_dir=f"{args.dir}/grpo-{'vllm' if args.vllm else 'hf'}",
-        per_device_train_batch_size=16 if args.smoke else 64,
-        num_generations=8,
-        max_completion_length=gen,
-        max_steps=3 if args.smoke else args.steps,
-        learning_rate=1e-6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=args.device == "cuda",
-        use_cpu=args.device == "cpu",
-        gradient_checkpointing=False,
-        use_vllm=args.vllm,
-        vllm_mode="colocate",
-        vllm_gpu_memory_utilization=0.3,
-    )
-    trainer = GRPOTrainer(
-        model=args.dir,
-        reward_funcs=length_reward,
-        args=config,
-        train_dataset=prompts,
-        processing_class=tok,
-        callbacks=[Stamp()],
-    )
-    trainer.train()
-    per_step = [b - a for a, b in itertools.pairwise(stamps[1:])] or [stamps[-1] - stamps[0]]
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(
-        f"grpo {'vLLM colocate' if args.vllm else 'transformers'}: {statistics.median(per_step):.3f} s/step "
-        f"(median of {len(per_step)} steps after 2; {config.per_device_train_batch_size // 8} prompts x 8 replies of "
-        f"{gen} tokens; {device_name})"
-    )
+# ------------------------------------------------------------------------------------------------ command line
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("pretrain", "build", "grpo"):
-        s = sub.add_parser(name)
-        s.add_argument("--smoke", action="store_true", help="tiny shapes, runs on a CPU in seconds")
-        s.add_argument("--device", default=None)
-        if name in ("build", "grpo"):
-            s.add_argument("dir")
-    sub.choices["pretrain"].add_argument("--batch", type=int, default=16)
-    sub.choices["pretrain"].add_argument("--seq", type=int, default=2048)
-    sub.choices["pretrain"].add_argument("--steps", type=int, default=16)
-    sub.choices["pretrain"].add_argument("--warmup", type=int, default=6)
-    sub.choices["grpo"].add_argument("--vllm", action="store_true")
-    sub.choices["grpo"].add_argument("--steps", type=int, default=5)
-    sub.choices["grpo"].add_argument("--max_completion_length", type=int, default=128)
+    p.add_argument("part", choices=["pretrain", "finetune", "rl", "memory", "summary"])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps: the code paths, on a CPU")
+    p.add_argument("--work", default=None, help="scratch folder for stage outputs and the built model")
     args = p.parse_args()
-    import torch
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    {"pretrain": cmd_pretrain, "build": cmd_build, "grpo": cmd_grpo}[args.cmd](args)
+    for key in (
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+    ):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the load reports of random-weight models, mostly
+    out = Path(os.environ.get("BENCH_OUT") or tempfile.gettempdir())
+    if args.part == "summary":
+        print(summary(out / RESULTS))
+        return
+    lacking = missing("torch", "transformers", "trl", "datasets", "peft", "accelerate")
+    if lacking:
+        print(f"skipped: part {args.part} ({', '.join(lacking)} not installed)")
+        return
+    work = Path(args.work or tempfile.mkdtemp(prefix="hfrecipes-bench-work-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if args.part == "pretrain":
+        from bench import gpu_pretrain as part
+    elif args.part in ("finetune", "rl"):
+        from bench import gpu_stages as part
+    else:
+        from bench import gpu_memory as part
+    results = Results(args.part, args.smoke)
+    getattr(part, args.part)(work, args.smoke, results)
     sys.stdout.flush()
 
 

@@ -15,83 +15,14 @@ includes pushing the weights into the engine before each generation). The same o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
-import time
 
-from bench.common import median, parents, timed_steps
+from bench.common import generation_shares, median, parents
 from hfrecipes.inference import vllm_available
 
 
-@contextlib.contextmanager
-def timed_generate():
-    """Yields a list that collects (start, end) of every generation call made inside the block: transformers'
-    `generate`, and with vLLM TRL's colocated `generate` and the weight sync before it."""
-    from transformers.generation.utils import GenerationMixin
-
-    from hfrecipes import inference
-
-    targets = [(GenerationMixin, "generate")]
-    if vllm_available():
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        # TRL's sync, or the one hfrecipes binds to the instance under vLLM >= 0.32 (looked up when it binds it)
-        targets += [
-            (VLLMGeneration, "generate"),
-            (VLLMGeneration, "sync_weights"),
-            (inference, "colocate_reload_weights"),
-        ]
-    calls: list[tuple[float, float]] = []
-    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
-
-    def timed(original):
-        def call(self, *args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                calls.append((start, time.perf_counter()))
-
-        return call
-
-    for owner, name, original in originals:
-        setattr(owner, name, timed(original))
-    try:
-        yield calls
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-
-
-def shares(stamps: list[float], begins: list[float], calls: list[tuple[float, float]], skip: int):
-    """(seconds per step, generation seconds per step) of each step after the first `skip`."""
-    out = []
-    for i in range(skip, len(stamps)):
-        begin, end = begins[i], stamps[i]
-        gen = sum(min(e, end) - max(s, begin) for s, e in calls if e > begin and s < end)
-        out.append((end - begin, gen))
-    return out
-
-
 def run_stage(stage: str, steps: int, overrides: dict, skip: int):
-    import hfrecipes
-    from hfrecipes import record
-
-    begins: list[float] = []
-    with timed_steps() as times, timed_generate() as calls:
-        timed = record.metrics_callback  # the step-end timer of bench.common; step begins are added here
-
-        def with_begin(output_dir):
-            cb = timed(output_dir)
-            cb.on_step_begin = lambda *a, **k: begins.append(time.perf_counter())
-            return cb
-
-        record.metrics_callback = with_begin
-        try:
-            getattr(hfrecipes, stage)(f"tiny/{stage}", max_steps=steps, **overrides)
-        finally:
-            record.metrics_callback = timed
-    return shares(times.stamps, begins, calls, skip)
+    return generation_shares(stage, f"tiny/{stage}", {"max_steps": steps, **overrides}, skip)
 
 
 def main() -> None:

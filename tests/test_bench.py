@@ -1,5 +1,6 @@
 """The benchmark helpers measure what they claim: padding-free SFT is exact, the step timer sees every step, the
-serving curve's percentiles, ratios and record block are what they say and the card shows them.
+serving curve's percentiles, ratios and record block are what they say and the card shows them; every part of the
+GPU benchmark runs (tiny shapes) and writes its results.
 
 pytest tests/test_bench.py
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, subprocess_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the top of the repository
 
@@ -117,3 +120,67 @@ def test_card_shows_the_serving_curve_with_its_plot(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert text.count("](serving.png)") == 1 and "## Training curves" not in text  # in the serving section only
     assert text.index("](serving.png)") < text.index("## Evaluation results")
+
+
+# Every measurement `bench/gpu.sh` makes, by name as its smoke run writes them (tiny shapes); Liger and QLoRA appear
+# where CUDA runs them and print a "skipped:" line elsewhere.
+GPU_BENCH_ROWS = (
+    "pretrain stage, default flags: tokens/s",
+    "pretrain stage, default flags: MFU of the measured matmul rate",
+    "pretrain stage, torch_compile=True: tokens/s",
+    "pretrain stage, torch_compile=True: MFU of the measured matmul rate",
+    "sft stage: steady seconds per step",
+    "reward stage: steady seconds per step",
+    "dpo stage: steady seconds per step",
+    "grpo stage: seconds per step",
+    "grpo stage: share of a step spent generating",
+    "ppo stage: seconds per step",
+    "ppo stage: share of a step spent generating",
+    "tiny Llama full fine-tuning: seconds per step",
+    "tiny Llama LoRA r16: seconds per step",
+)
+CUDA_ROWS = {
+    "pretrain stage, use_liger_kernel=True: tokens/s": "skipped: pretrain stage with use_liger_kernel=True",
+    "tiny Llama QLoRA r16 (NF4): seconds per step": "skipped: QLoRA",
+}
+
+
+def test_gpu_bench_smoke_runs_every_part_and_writes_its_results(tmp_path):
+    """`bash bench/gpu.sh --smoke`: every part runs its code path to the end (no part stops, no stage or loop fails)
+    and each measurement is one JSON line whose ratio and target verdict follow from its own numbers."""
+    from bench.gpu_bench import RESULTS_KEYS
+
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--smoke"],
+        env=subprocess_env(PYTHON=sys.executable, BENCH_OUT=str(out), BUDGET="900"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "stopped (exit" not in log and ": failed:" not in log, log[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    names = {r["name"] for r in rows}
+    assert set(GPU_BENCH_ROWS) <= names, set(GPU_BENCH_ROWS) - names
+    for row, skipped in CUDA_ROWS.items():
+        assert row in names or skipped in log, row
+    for r in rows:
+        assert set(r) == set(RESULTS_KEYS) and r["smoke"] is True, r
+        assert r["value"] > 0 and math.isfinite(r["value"]) and f"{r['name']}: " in log, r
+        if (
+            r["ratio"] is not None
+        ):  # measured over baseline, but for time per step: the stage's speed over the baseline's
+            stage, base = (
+                (r["baseline_value"], r["value"]) if r["unit"] == "s/step" else (r["value"], r["baseline_value"])
+            )
+            assert r["ratio"] == pytest.approx(stage / base), r
+        if r["target"]:
+            x = r["ratio"] if r["target"]["on"] == "ratio" else r["value"]
+            assert r["met"] == (
+                x >= r["target"]["threshold"] if r["target"]["op"] == ">=" else x <= r["target"]["threshold"]
+            )
+    default = next(r for r in rows if r["name"] == "pretrain stage, default flags: tokens/s")
+    assert default["baseline"] == "hand-written loop" and default["target"]["threshold"] == 0.95
+    assert "| pretrain stage, default flags: tokens/s |" in log  # the summary table, ready for docs/performance.md
