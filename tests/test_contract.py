@@ -1,5 +1,5 @@
 """The stage contract checked across stages: every finished folder holds a record the schema reads, a card, no
-pickle and no run marker; measured CO2 reaches every stage's record; no import cycle anywhere in the package.
+pickle and no run marker; measured CO2 reaches every stage's record and card; no import cycle anywhere in the package.
 
 pytest tests/test_contract.py -q
 """
@@ -21,8 +21,46 @@ PACKAGE = Path(hfrecipes.__file__).parent
 FAST = {"max_steps": 2, "logging_steps": 1, "save_strategy": "no"}
 
 
+class StandIn:
+    """codecarbon's `OfflineEmissionsTracker` where codecarbon is not installed: its interface, a fixed figure."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def start(self):
+        pass
+
+    def stop(self):
+        return 0.000123
+
+
 @pytest.fixture(scope="module")
-def finished(tiny_pretrained, tiny_sft, tmp_path_factory):
+def measured():
+    """For the module's stage runs, codecarbon's tracker (the real one where installed) wrapped to keep the figure
+    it gave each stage folder, by folder."""
+    figures = {}
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            import codecarbon
+        except ImportError:
+            codecarbon = types.SimpleNamespace(OfflineEmissionsTracker=StandIn)
+            mp.setitem(sys.modules, "codecarbon", codecarbon)
+
+        class Kept(codecarbon.OfflineEmissionsTracker):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.folder = Path(kwargs["output_dir"]).resolve()
+
+            def stop(self):
+                figures[self.folder] = super().stop()
+                return figures[self.folder]
+
+        mp.setattr(codecarbon, "OfflineEmissionsTracker", Kept)
+        yield figures
+
+
+@pytest.fixture(scope="module")
+def finished(measured, tiny_pretrained, tiny_sft, tmp_path_factory):
     """One finished folder per trained stage (a few steps each) and an export."""
     root = tmp_path_factory.mktemp("contract")
     parent = {"model_name_or_path": str(tiny_sft.output_dir)}
@@ -31,11 +69,23 @@ def finished(tiny_pretrained, tiny_sft, tmp_path_factory):
     folders["reward"] = hfrecipes.reward("tiny/reward", output_dir=str(root / "reward"), **parent, **FAST)
     folders["dpo"] = hfrecipes.dpo("tiny/dpo", output_dir=str(root / "dpo"), max_train_samples=64, **parent, **FAST)
     folders["grpo"] = hfrecipes.grpo("tiny/grpo", output_dir=str(root / "grpo"), eval_samples=8, **parent, **FAST)
+    folders["ppo"] = hfrecipes.ppo(
+        "tiny/ppo",
+        output_dir=str(root / "ppo"),
+        reward_model_path=str(folders["reward"].output_dir),
+        per_device_train_batch_size=8,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        heldout_max_prompts=8,
+        gold_samples=8,
+        **parent,
+        **FAST,
+    )
     folders["export"] = hfrecipes.export(tiny_sft.output_dir, root / "tiny" / "export", use_vllm=False)
     return folders
 
 
-STAGES = ["pretrain", "sft", "sft_lora", "reward", "dpo", "grpo", "export"]
+STAGES = ["pretrain", "sft", "sft_lora", "reward", "dpo", "grpo", "ppo", "export"]
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -51,12 +101,12 @@ def test_finished_folder_holds_record_card_and_no_pickle(finished, name):
         assert rec.metrics.steps == FAST["max_steps"] or name in ("pretrain", "sft")
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "grpo"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "grpo", "ppo"])
 def test_each_stage_records_one_heldout_block_the_card_shows(finished, name):
     rec = record.load_record(finished[name].output_dir)
     h = rec.metrics.heldout
     assert h is not None and isinstance(h.after, float) and h.examples > 0, h
-    if name in ("reward", "dpo", "grpo"):  # measured before training as well
+    if name in ("reward", "dpo", "grpo", "ppo"):  # measured before training as well
         assert isinstance(h.before, float)
     text = (finished[name].output_dir / "README.md").read_text()
     assert f"Held-out evaluation of the {rec.stage} stage: {h.metric}:" in text
@@ -75,31 +125,15 @@ def test_export_card_names_the_model_and_lists_only_training_stages(finished, ti
     assert [s["stage"] for s in meta.hfrecipes["lineage"]] == ["pretrain", "sft"]
 
 
-def test_codecarbon_measurement_reaches_a_fine_tuning_record(tiny_sft, tmp_path, monkeypatch):
-    """Measured CO2 (codecarbon, where installed) is recorded by every stage, not only pretraining."""
-    started = []
-
-    class Tracker:
-        def __init__(self, **kwargs):
-            started.append(kwargs)
-
-        def start(self):
-            pass
-
-        def stop(self):
-            return 0.000123
-
-    monkeypatch.setitem(sys.modules, "codecarbon", types.SimpleNamespace(OfflineEmissionsTracker=Tracker))
-    out = hfrecipes.dpo(
-        "tiny/dpo",
-        model_name_or_path=str(tiny_sft.output_dir),
-        output_dir=str(tmp_path / "dpo"),
-        max_train_samples=32,
-        **FAST,
-    )
-    compute = out.record["compute"]
-    assert started and compute["co2_source"] == "codecarbon" and compute["co2_kg"] == 0.000123
-    assert "(CO2: codecarbon)" in (out.output_dir / "README.md").read_text()
+@pytest.mark.parametrize("name", ["sft_lora", "reward", "dpo", "grpo", "ppo"])
+def test_measured_co2_reaches_every_stage_record_and_card(finished, measured, name):
+    """The figure codecarbon gave (the real offline tracker where it is installed) is the record's, said to be
+    measured, in every stage, not only pretraining."""
+    out = finished[name].output_dir
+    compute = record.read_record(out)["compute"]
+    assert compute["co2_source"] == "codecarbon", compute["co2_source"]
+    assert compute["co2_kg"] == measured[out.resolve()] and compute["co2_kg"] > 0
+    assert "(CO2: codecarbon)" in (out / "README.md").read_text()
 
 
 def test_a_damaged_record_is_one_clear_error(tmp_path):
