@@ -3,6 +3,7 @@ one tiny SFT model on top of it, built once per session and reused by every late
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -40,18 +41,52 @@ REQUIRE_VLLM = os.environ.get("HFRECIPES_REQUIRE_VLLM") == "1"
 needs_vllm = pytest.mark.skipif(not vllm_available() and not REQUIRE_VLLM, reason="vLLM is not installed")
 
 
-# Two real gloo processes on CPU: `--multi_gpu` (with the stages' use_cpu), not `--cpu`, which silently runs one.
-TWO_CPU_PROCESSES = [
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's, with the repository first on PYTHONPATH (the caller's
+    path stays: a machine may hold the stack's packages there) and one torch thread."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def needs_processes(n: int):
+    """Skip a test that launches `n` training processes on one machine where hfrecipes would refuse them: one process
+    a GPU where there is a GPU (NCCL), else one a CPU core (gloo processes need no device)."""
+    from hfrecipes.engines import local_capacity
+
+    capacity, what = local_capacity()
+    return pytest.mark.skipif(capacity < n, reason=f"{n} training processes need {n} devices; this machine has {what}")
+
+
+def _setup_promises(extra: str) -> bool:
+    """Whether `scripts/setup.sh` built the running environment with `extra` (its stamp lists the extras)."""
+    stamp = Path(sys.prefix) / ".hfrecipes-installed"
+    return stamp.is_file() and extra in stamp.read_text().split()[0].split(",")
+
+
+# DeepSpeed tests skip where it is not installed, unless the environment promises it: set-up installs it (and says so
+# in its stamp), or HFRECIPES_REQUIRE_DEEPSPEED=1.
+REQUIRE_DEEPSPEED = os.environ.get("HFRECIPES_REQUIRE_DEEPSPEED") == "1" or _setup_promises("deepspeed")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None and not REQUIRE_DEEPSPEED, reason="DeepSpeed is not installed"
+)
+
+# Two real processes: gloo on a CPU-only machine (`--multi_gpu` with the stages' use_cpu; `--cpu` silently runs one),
+# NCCL with a GPU each on a GPU machine (`needs_processes(2)`).
+TWO_PROCESSES = [
     sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def shared_dir(tmp_path_factory, worker_id):
-    """A folder both test workers see (the session's base folder above each worker's own)."""
+def shared_dir(tmp_path_factory):
+    """A folder every test worker sees (the session's base folder above each worker's own). Read from pytest-xdist's
+    environment rather than its `worker_id` fixture, so the suite also runs with xdist off (`-p no:xdist`)."""
     root = tmp_path_factory.getbasetemp()
-    shared = (root.parent if worker_id != "master" else root) / "shared"
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"
     shared.mkdir(exist_ok=True)
     return shared
 
@@ -104,6 +139,26 @@ def tiny_sft(tiny_pretrained, shared_dir):
 SFT_STEPS = 120
 
 
+@pytest.fixture(scope="session")
+def tiny_sft_lora(tiny_pretrained, tmp_path_factory):
+    """A short LoRA SFT run on the tiny pretrained model, with its trainer kept for inspection: (result, trainer).
+    Built in each worker that asks for it (the trainer lives in this process)."""
+    import hfrecipes
+
+    with pytest.MonkeyPatch.context() as mp:
+        trainers = capture_trainers(mp)
+        result = hfrecipes.sft(
+            "tiny/sft_lora",
+            model_name_or_path=str(tiny_pretrained.output_dir),
+            output_dir=str(tmp_path_factory.mktemp("sft") / "lora"),
+            max_steps=20,
+            logging_steps=5,
+            max_train_samples=640,
+            save_strategy="no",
+        )
+    return result, trainers[0]
+
+
 def capture_trainers(mp: pytest.MonkeyPatch) -> list:
     """Keep every trainer a stage builds, for inspection: `Trainer.train` is wrapped, not replaced."""
     from transformers import Trainer
@@ -126,9 +181,117 @@ def captured_trainers(monkeypatch):
 
 def lm_head_kind(model) -> str:
     """Which LM head a model (or the base of a PEFT model) scores tokens with: "logits" (hfrecipes.stages.common)
-    or "trl" (TRL's fused head). Both wrappers copy the model's own forward's name, so the code is compared."""
+    or "trl" (TRL's fused head). Both wrappers copy the model's own forward's name, so the code is compared. Under
+    mixed precision accelerate wraps the forward of the model it prepares in its autocast, keeping the one it
+    wrapped as `_original_forward`: that one holds the head."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits" if model.forward.__code__.co_filename.endswith("stages/common.py") else "trl"
+    forward = getattr(model, "_original_forward", model.forward)
+    return "logits" if forward.__code__.co_filename.endswith("stages/common.py") else "trl"
+
+
+def device_kind() -> str:
+    """The kind of device a stage trains on here, as records name it: "cuda", "mps" or "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def stage_precision(args):
+    """A context in which a forward pass computes in the precision a stage's training arguments trained and
+    evaluated in: the trainer's bf16 or fp16 autocast on its device, else (or without arguments) nothing: fp32."""
+    import contextlib
+
+    import torch
+
+    if args is not None and (args.bf16 or args.fp16):
+        return torch.autocast(args.device.type, dtype=torch.bfloat16 if args.bf16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+def stage_base_unchanged(model, parent_weights: Path) -> int:
+    """Assert every base weight of a trained PEFT model (adapters and new heads aside) equals the parent folder's
+    safetensors file bit for bit; returns how many tensors were compared."""
+    import torch
+    from safetensors.torch import load_file
+
+    parent = load_file(parent_weights)
+    compared = 0
+    for name, value in model.state_dict().items():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" not in name and key in parent:
+            assert torch.equal(parent[key], value.cpu()), f"base weight {key} changed under LoRA"
+            compared += 1
+    assert compared >= len(parent) - 1, (compared, len(parent))  # every tensor (a tied lm_head is stored once)
+    return compared
+
+
+def heldout_accuracy(folder, max_new_tokens: int, n: int | None = None, args=None) -> dict:
+    """Greedy answer accuracy of a model folder on the tiny task's held-out prompts (the first `n`), by kind of
+    problem; with a stage's training arguments, on its device and in its precision, as the stage measured."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfrecipes.data import tiny_rows
+    from hfrecipes.evaluation import heldout_accuracy as accuracy
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    rows = tiny_rows("prompts", "test")[:n]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if args is not None:
+        model.to(args.device)
+    with stage_precision(args):
+        return accuracy(
+            model,
+            tok,
+            [r["prompt"] for r in rows],
+            [r["solution"] for r in rows],
+            max_new_tokens=max_new_tokens,
+            groups=[r["kind"] for r in rows],
+        )
+
+
+def dpo_margins(policy, tok, rows: list[dict], beta: float, reference=None):
+    """DPO's implicit reward margin of each preference row (conversational `prompt`, `chosen`, `rejected`): beta x
+    (the policy's log-probability ratio to the reference on the chosen reply - on the rejected one), in fp32. The
+    reference is the adapter-disabled policy when none is given (LoRA)."""
+    import contextlib
+
+    import torch
+
+    def reply_logps(model, key):
+        ids, scored = [], []
+        for r in rows:
+            prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+            start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+            full = tok(tok.apply_chat_template(r["prompt"] + r[key], tokenize=False), add_special_tokens=False)
+            ids.append(full["input_ids"])
+            scored.append((start, len(ids[-1])))
+        width = max(map(len, ids))
+        device = next(model.parameters()).device
+        batch = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=batch, attention_mask=mask).logits.float()
+        token = logits[:, :-1].log_softmax(-1).gather(-1, batch[:, 1:, None])[..., 0]
+        return torch.stack([token[i, s - 1 : e - 1].sum() for i, (s, e) in enumerate(scored)]).cpu()
+
+    def ratios(key):
+        mine = reply_logps(policy, key)
+        with policy.disable_adapter() if reference is None else contextlib.nullcontext():
+            return mine - reply_logps(reference if reference is not None else policy, key)
+
+    return beta * (ratios("chosen") - ratios("rejected"))
+
+
+def default_lm_head() -> str:
+    """The LM head sft, dpo and grpo score tokens with unless a recipe says otherwise: TRL's fused head where its
+    Triton kernel runs (a CUDA or XPU GPU with triton), the logits head elsewhere."""
+    from hfrecipes import modeling
+
+    return "trl" if modeling.has_triton_device() else "logits"
 
 
 # ------------------------------------------------------------------------------------------ the real model tier

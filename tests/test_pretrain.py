@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import TWO_CPU_PROCESSES
+from conftest import TWO_PROCESSES, device_kind, needs_processes, subprocess_env
 
 import hfrecipes
 from hfrecipes.errors import UsageError
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = subprocess_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 def test_loss_falls_clearly(tiny_pretrained):
@@ -54,7 +53,8 @@ def test_record_holds_params_tokens_flops_cutoff(tiny_pretrained):
     assert rec["compute"]["flops_6nd"] == 6 * n * d
     # the trainer's own count leaves out embeddings: smaller, same order
     assert 0.5 * rec["compute"]["flops_6nd"] < rec["compute"]["flops_trainer"] < rec["compute"]["flops_6nd"]
-    assert rec["compute"]["wall_seconds"] > 0 and rec["compute"]["device"]["kind"] == "cpu"
+    assert rec["compute"]["wall_seconds"] > 0
+    assert (rec["compute"]["device"]["kind"], rec["compute"]["device"]["count"]) == (device_kind(), 1)
     cutoff = rec["data"]["knowledge_cutoff"]
     assert cutoff["source"] == "data" and cutoff["date"] == "2024-06-30"
     assert rec["recipe"]["values"]["max_steps"] == 80
@@ -158,11 +158,13 @@ def test_cli_lists_and_checks_recipes():
 
 
 @pytest.mark.slow
+@needs_processes(2)
 def test_accelerate_launch_two_processes(tmp_path):
-    """`--multi_gpu --num_processes 2` gives two real gloo processes on CPU (`--cpu` would silently run one)."""
+    """`--multi_gpu --num_processes 2` gives two real processes: gloo on CPU (`--cpu` would silently run one), a GPU
+    each on a GPU machine."""
     out = tmp_path / "ddp"
     cmd = [
-        *TWO_CPU_PROCESSES,
+        *TWO_PROCESSES,
         "-m",
         "hfrecipes",
         "pretrain",
