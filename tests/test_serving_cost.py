@@ -228,17 +228,32 @@ def test_generate_measures_prefill_and_decode_apart(served):
     assert stats["dollars_per_million_output_tokens"] / stats["dollars_per_million_input_tokens"] == pytest.approx(
         ratio
     )
-    # the whole run's one rate lies between the two
-    assert stats["decode_tokens_per_second"] > stats["tokens_per_second"]
+
+
+def _exported_dtype(exp) -> tuple[str, int]:
+    config = json.loads((exp.output_dir / "config.json").read_text())
+    return config["dtype"], costs.DTYPE_BYTES[config["dtype"]]
+
+
+def _fit_device(device: dict) -> str:
+    """The device the KV-cache fit is stated for: the one that served, where the cost table knows its memory (a GPU
+    in the table), else the reference device (a CPU, whose memory is the host's)."""
+    key = costs.device_key(device)
+    if device["kind"] == "cpu" or key is None or costs.DEVICES[key].memory_bytes is None:
+        return costs.REFERENCE_DEVICE
+    return key
 
 
 def test_kv_cache_in_the_export_and_inference_records(served):
     exp, _, stats = served
     weights = sum(f.stat().st_size for f in exp.output_dir.glob("*.safetensors"))
     kv = stats["kv_cache"]
-    assert kv["bytes_per_token"] == 2 * 4 * 2 * 32 * 4  # tiny: 4 layers, 2 KV heads, head dim 32, float32
-    assert (kv["context"], kv["device"], kv["weight_bytes"]) == (512, "h100", weights)  # a CPU: the reference
-    assert kv["concurrent_sequences"] == math.floor((0.92 * 80e9 - weights) / (512 * 2048))
+    dtype, size = _exported_dtype(exp)
+    assert (kv["dtype"], kv["bytes_per_token"]) == (dtype, 2 * 4 * 2 * 32 * size)  # 4 layers, 2 KV heads, dim 32
+    device = _fit_device(stats["device"])
+    assert (kv["context"], kv["device"], kv["weight_bytes"]) == (512, device, weights)
+    memory = costs.DEVICES[device].memory_bytes
+    assert kv["concurrent_sequences"] == math.floor((0.92 * memory - weights) / (512 * kv["bytes_per_token"]))
     rec = record.read_record(exp.output_dir)
     assert rec["export"]["kv_cache"] == kv == rec["inference"]["kv_cache"]
     assert rec["inference"]["traffic"] == {"daily_input_tokens": 5e6, "daily_output_tokens": 1e6}
@@ -255,10 +270,12 @@ def test_card_prices_input_and_output_and_states_the_lifetime(served):
     assert cell["output (generated, decode) tokens/s per device (measured)"] == card._si(
         stats["decode_tokens_per_second"]
     )
-    formula = "KV cache per token (2 x 4 layers x 2 KV heads of 6 heads x 32 head dim x 4 bytes (float32))"
-    assert cell[formula] == "2,048 B"
+    dtype, size = _exported_dtype(exp)
+    formula = f"KV cache per token (2 x 4 layers x 2 KV heads of 6 heads x 32 head dim x {size} bytes ({dtype}))"
+    assert cell[formula] == f"{2 * 4 * 2 * 32 * size:,} B"
     fit = next(k for k in cell if k.startswith("sequences of 512 tokens whose KV cache fits"))
-    assert cell[fit] == f"{stats['kv_cache']['concurrent_sequences']:,}" and "NVIDIA H100 SXM" in fit
+    label = costs.DEVICES[_fit_device(stats["device"])].label
+    assert cell[fit] == f"{stats['kv_cache']['concurrent_sequences']:,}" and label in fit
 
     rec = record.read_record(exp.output_dir)
     training = card.lineage_numbers(rec)[1]["dollars"]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import capture_trainers, lm_head_kind
+from conftest import default_lm_head, lm_head_kind, stage_base_unchanged, stage_precision
 from safetensors.torch import load_file
 
 import hfrecipes
@@ -38,20 +38,9 @@ def test_full_sft_loss_falls_and_the_record_chains_to_pretraining(tiny_sft, tiny
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_pretrained, tmp_path_factory):
-    """A short LoRA SFT run, with its trainer kept for inspection."""
-    with pytest.MonkeyPatch.context() as mp:
-        trainers = capture_trainers(mp)
-        result = hfrecipes.sft(
-            "tiny/sft_lora",
-            model_name_or_path=str(tiny_pretrained.output_dir),
-            output_dir=str(tmp_path_factory.mktemp("sft") / "lora"),
-            max_steps=20,
-            logging_steps=5,
-            max_train_samples=640,
-            save_strategy="no",
-        )
-    return result, trainers[0]
+def lora_run(tiny_sft_lora):
+    """The session's short LoRA SFT run (`tiny_sft_lora`), with its trainer."""
+    return tiny_sft_lora
 
 
 def test_loss_mask_covers_assistant_tokens_only(lora_run):
@@ -75,15 +64,7 @@ def test_loss_mask_covers_assistant_tokens_only(lora_run):
 
 def test_lora_leaves_base_bit_identical_and_moves_the_adapter(lora_run, tiny_pretrained):
     result, trainer = lora_run
-    base = load_file(tiny_pretrained.output_dir / "model.safetensors")
-    trained = {k: v for k, v in trainer.model.state_dict().items() if "lora_" not in k}
-    compared = 0
-    for name, value in trained.items():
-        key = name.replace("base_model.model.", "").replace(".base_layer", "")
-        if key in base:
-            assert torch.equal(base[key], value.cpu()), f"base weight {key} changed under LoRA"
-            compared += 1
-    assert compared >= len(base) - 1  # every base tensor (lm_head is tied to the embedding)
+    stage_base_unchanged(trainer.model, tiny_pretrained.output_dir / "model.safetensors")
     adapter = load_file(result.output_dir / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero; training must move it"
@@ -101,14 +82,18 @@ def test_saved_adapter_reloads_with_peft(lora_run, tiny_pretrained):
     result, trainer = lora_run
     config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["peft_type"] == "LORA"
-    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained.output_dir)
-    reloaded = PeftModel.from_pretrained(base, result.output_dir).eval()
     trained = trainer.model.eval()
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained.output_dir)
+    reloaded = PeftModel.from_pretrained(base, result.output_dir).to(trained.device).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=trained.device)
     with torch.no_grad():
-        assert torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-5)
+        # the trained model runs in the stage's precision (the trainer's autocast stays on its forward): the reloaded
+        # one is run in it too, on the same device
+        with stage_precision(trainer.args):
+            assert torch.allclose(reloaded(ids).logits.float(), trained(ids).logits.float(), atol=1e-5)
+        adapted = reloaded(ids).logits
         with reloaded.disable_adapter():
-            assert not torch.allclose(reloaded(ids).logits, trained(ids).logits, atol=1e-3)
+            assert not torch.allclose(reloaded(ids).logits, adapted, atol=1e-3), "the adapter changes nothing"
 
 
 def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, captured_trainers, monkeypatch):
@@ -141,7 +126,7 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_pretrained, tmp_path, capture
     adapter = load_file(result.output_dir / "adapter_model.safetensors")
     assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
 
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=model.device)
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
@@ -194,6 +179,8 @@ def test_recipe_cost_overrides_reach_a_fine_tuning_record(tiny_pretrained, tmp_p
     assert c["dollars"] == pytest.approx(c["device_hours"] * 2.0)
 
 
-def test_cpu_runs_score_tokens_with_the_logits_head(lora_run):
+def test_tokens_are_scored_with_the_devices_default_head(lora_run):
+    """The logits head where TRL's fused head has no Triton kernel (a CPU), TRL's fused head where it has."""
     _, trainer = lora_run
-    assert trainer.args.logits_lm_head is True and lm_head_kind(trainer.model) == "logits"
+    assert trainer.args.logits_lm_head is (default_lm_head() == "logits")
+    assert lm_head_kind(trainer.model) == default_lm_head()
