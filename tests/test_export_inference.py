@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import needs_vllm
@@ -195,14 +196,18 @@ def test_generate_transformers_batched_equals_one_by_one(tiny_pretrained, tmp_pa
 def test_generate_sampling_n_and_seed(tiny_pretrained, tmp_path):
     exp = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / "exp", verify_load=False).output_dir
     prompts = ["We count: 1, 2,", "Tom saw a"]
-    a, _ = hfrecipes.generate(
-        exp, prompts, engine="transformers", temperature=1.0, n=3, seed=7, max_new_tokens=8, record_stats=False
-    )
-    b, _ = hfrecipes.generate(
-        exp, prompts, engine="transformers", temperature=1.0, n=3, seed=7, max_new_tokens=8, record_stats=False
-    )
-    assert [len(r["completions"]) for r in a] == [3, 3]
-    assert a == b
+
+    def completions(**kwargs):
+        rows, _ = hfrecipes.generate(exp, prompts, engine="transformers", n=3, max_new_tokens=8, record_stats=False,
+                                     **kwargs)  # fmt: skip
+        return [r["completions"] for r in rows]
+
+    a = completions(temperature=1.0, seed=7)
+    assert [len(c) for c in a] == [3, 3]
+    assert a == completions(temperature=1.0, seed=7)  # the seed fixes the samples
+    # three samples of eight tokens at temperature 1 from a barely trained model differ (each token is drawn from a
+    # wide distribution), where copies of one reply would be the same
+    assert all(len(set(c)) > 1 for c in a), a
 
 
 @pytest.mark.parametrize(
@@ -229,15 +234,42 @@ def test_generate_bad_prompts_file(tiny_pretrained, tmp_path):
         hfrecipes.generate(tiny_pretrained.output_dir, bad)
 
 
+@pytest.fixture(scope="module")
+def one_vllm_engine():
+    """vLLM engines built in this module, one per set of weights: an export's check and a generation from the
+    exported folder share one. The export checks its folder before renaming it into place, so the weights, not the
+    path, say which engine serves them."""
+    from hfrecipes import inference
+
+    engines = {}
+    build = inference.vllm_engine
+
+    def shared(model_dir, seed=0, max_model_len=None):
+        key = (_digest(Path(model_dir) / "model.safetensors"), seed, max_model_len)
+        if key not in engines:
+            engines[key] = build(model_dir, seed=seed, max_model_len=max_model_len)
+        return engines[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "vllm_engine", shared)
+        yield engines
+    engines.clear()
+
+
 @needs_vllm
-def test_vllm_greedy_tokens_equal_transformers(tiny_pretrained, tmp_path):
+def test_vllm_greedy_tokens_equal_transformers(tiny_pretrained, tmp_path, one_vllm_engine):
     out = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / "exp", use_vllm=True)
     verdict = out.record["export"]["verify"]["vllm"]
     assert verdict["greedy_matches"] == verdict["of"], verdict
-    rows, stats = hfrecipes.generate(
-        out.output_dir, ["We count: 1, 2,", "Tom saw a"], engine="vllm", max_new_tokens=8, record_stats=False
-    )
+    prompts = ["We count: 1, 2,", "Tom saw a"]
+    _, stats = hfrecipes.generate(out.output_dir, prompts, engine="vllm", max_new_tokens=8, record_stats=False)
     assert stats["engine"] == "vllm" and stats["generated_tokens"] > 0
+    # sampling in the engine: three samples per prompt, not three copies of one reply
+    sampled, _ = hfrecipes.generate(
+        out.output_dir, prompts, engine="vllm", temperature=1.0, n=3, max_new_tokens=8, record_stats=False
+    )
+    assert all(len(r["completions"]) == 3 and len(set(r["completions"])) > 1 for r in sampled), sampled
+    assert len(one_vllm_engine) == 1, "the export's check and the generations started more than one engine"
 
 
 def test_a_stage_can_start_from_a_lora_stage(lora_stage, tmp_path):
