@@ -229,13 +229,18 @@ def test_trainer_internals_check_names_what_changed(tmp_path):
 def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
     # The recipe's KL coefficient: with the light one the policy also finds replies like "99 plus" that the reward
     # model scores high, far from the reference.
-    out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4, kl_coef=0.2)
+    kl_coef = 0.2
+    out = _ppo(chain, chain["root"] / "ppo", max_steps=20, learning_rate=2e-4, kl_coef=kl_coef)
     m = out.record["metrics"]
     h = m["heldout"]
     print("ppo tiny:", {k: v for k, v in h.items() if k != "detail"}, {k: v for k, v in m.items() if k != "heldout"})
     assert m["steps"] == 20 and h["metric"] == "heldout_reward" and h["examples"] == 96
     assert h["after"] > h["before"] + 0.03, h
-    assert h["detail"]["kl"] < 10 and m["kl"] < 10, m
+    # What PPO maximises, on prompts it never trained on: the score less kl_coef x the KL to the reference. It rose
+    # from its start (the policy is the reference there: KL 0), so the KL the policy took is bought by the score
+    # it gained, KL < gain / kl_coef, and it is not zero: the policy moved.
+    assert h["after"] - kl_coef * h["detail"]["kl"] > h["before"], h
+    assert h["detail"]["kl"] > 0 and math.isfinite(m["kl"]), m
     assert h["detail"]["accuracy_before"] is not None and h["detail"]["accuracy"] is not None
     # The reward model learnt its preference, and the policy moved towards it on prompts it never trained on.
     rm = chain["reward_record"]["metrics"]["heldout"]
@@ -260,6 +265,8 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(chain):
         "first_minibatch/max_ratio_dev",
     ):
         assert all(math.isfinite(r[key]) for r in logs), key
+    # every reply's reward carried the penalty asked for: kl_coef x its KL to the reference
+    assert all(r["non_score_reward"] == pytest.approx(-kl_coef * r["kl"], rel=1e-5, abs=1e-7) for r in logs), logs
     # On the first minibatch of the first epoch the policy is the one that sampled: ratio 1, nothing clipped.
     assert all(r["first_minibatch/max_ratio_dev"] < 1e-5 and r["first_minibatch/clipfrac"] == 0 for r in logs)
     assert out.record["model"]["reference"] == "separate copy of the parent"
