@@ -57,11 +57,6 @@ def user(tmp_path_factory) -> Path:
     (root / "prompts.jsonl").write_text('{"prompt": "What is 2 plus 3?"}\n')
     (root / "broken_reward.py").write_text("def score(completions, **kwargs):\n    return [1.0 for c in completions\n")
     recipes = {
-        "unknown_key": "dataset_name: tiny:corpus\nlearning_rat: 0.1\n",
-        "bad_type": "dataset_name: tiny:corpus\nmax_steps: ten\n",
-        "bad_yaml": "dataset_name: [tiny:corpus\n",
-        "a_list": "- a\n- b\n",
-        "hub_token": "dataset_name: tiny:corpus\nhub_token: hf_secret\n",
         "nan_learning_rate": "dataset_name: tiny:corpus\ntrain_tokenizer: true\nlearning_rate: .nan\n",
         "inf_max_grad_norm": "dataset_name: tiny:corpus\ntrain_tokenizer: true\nmax_grad_norm: .inf\n",
         "nan_string_beta": "beta: nan\n",
@@ -139,16 +134,10 @@ def _generate(model: str) -> list[str]:
 
 
 CASES = {
-    # recipes and flags
+    # recipes and flags (a recipe's keys, values and YAML: tests/test_recipes.py; a token in one: tests/test_hub.py)
     "no_config": (["pretrain"], ["needs --config"]),
     "recipe_not_found": (["sft", "--config", "tiny/nope"], ["tiny/nope", "not found"]),
-    "unknown_recipe_key": (["pretrain", "--config", "{user}/unknown_key.yaml"], ["learning_rat", "learning_rate"]),
-    "wrong_value_type": (["pretrain", "--config", "{user}/bad_type.yaml"], ["max_steps", "'ten'"]),
-    "invalid_yaml": (["pretrain", "--config", "{user}/bad_yaml.yaml"], ["not valid YAML"]),
-    "recipe_not_a_mapping": (["pretrain", "--config", "{user}/a_list.yaml"], ["mapping", "list"]),
-    "hub_token_in_recipe": (["pretrain", "--config", "{user}/hub_token.yaml"], ["hub_token", "HF_TOKEN"]),
     "unknown_flag": ([*PRE, "--learning_rat", "0.1"], ["--learning_rat", "--learning_rate"]),
-    "bad_flag_value": ([*PRE, "--max_steps", "ten"], ["max_steps"]),
     # out-of-range hyperparameters
     "negative_learning_rate": ([*PRE, "--learning_rate=-1e-3"], ["learning_rate", "-0.001"]),
     "zero_batch_size": ([*PRE, "--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),

@@ -162,7 +162,7 @@ def test_token_is_refused_in_recipes(tmp_path):
     for kwargs in ({}, {"cli_args": ["--hub_token", TOKEN]}):
         with pytest.raises(UsageError) as e:
             parse_stage_args("pretrain", recipe if not kwargs else "tiny/pretrain", **kwargs)
-        assert "HF_TOKEN" in str(e.value) and TOKEN not in str(e.value)
+        assert "hub_token" in str(e.value) and "HF_TOKEN" in str(e.value) and TOKEN not in str(e.value)
 
 
 def test_take_over_push_turns_the_trainers_push_off():

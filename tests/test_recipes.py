@@ -131,6 +131,7 @@ BAD_RECIPES = [
 def test_bad_recipe_is_one_clear_error(tmp_path, text, words):
     with pytest.raises(UsageError) as e:
         parse_stage_args("pretrain", _write(tmp_path, text))
+    assert "\n" not in str(e.value).strip(), "one message, on one line"
     for w in words:
         assert w in str(e.value)
 
@@ -153,13 +154,14 @@ def test_cli_flags_override_recipe_and_python_overrides():
     "flags,words",
     [
         (["--max_step", "7"], ["--max_step", "--max_steps"]),
-        (["--max_steps", "seven"], ["max_steps", "seven"]),
+        (["--max_steps", "seven"], ["command line", "max_steps", "'seven'"]),
         (["--bogus_flag"], ["--bogus_flag"]),
     ],
 )
 def test_bad_cli_flags(flags, words):
     with pytest.raises(UsageError) as e:
         parse_stage_args("pretrain", "tiny/pretrain", flags)
+    assert "\n" not in str(e.value).strip(), "one message, on one line"
     for w in words:
         assert w in str(e.value)
 
