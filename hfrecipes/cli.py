@@ -390,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(
                 f"'{args.command}' needs --config: a bundled recipe (see `hfrecipes recipes`) or a YAML path."
             )
+        from hfrecipes.engines import finish
         from hfrecipes.runner import run_stage
 
         result = run_stage(args.command, args.config, cli_args=rest)
+        finish()
         print(f"{args.command} finished: {result.output_dir}")
         return 0
     except UsageError as e:

@@ -156,3 +156,14 @@ def every_process_loads():
     finally:
         if saved is not None:
             os.environ[key] = saved
+
+
+def finish() -> None:
+    """End a launched run's process group once every process is done. Left to interpreter exit, gloo's threads are torn
+    down while a peer may still be closing its connections; across machines that aborts a process that had finished
+    its work ('terminate called without an active exception', exit -6) and `accelerate launch` reports a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

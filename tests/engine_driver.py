@@ -24,6 +24,7 @@ torch.set_num_threads(1)
 import transformers  # noqa: E402
 
 import hfrecipes  # noqa: E402
+from hfrecipes import engines  # noqa: E402
 from hfrecipes.stages import ppo_trainer  # noqa: E402
 
 
@@ -73,3 +74,4 @@ with open(sys.argv[1]) as f:
     plan = json.load(f)
 for stage, kwargs in plan:
     getattr(hfrecipes, stage)(**kwargs)
+engines.finish()
