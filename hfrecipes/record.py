@@ -481,6 +481,7 @@ def compute_summary(
     *,
     script_args: Any = None,
     measured_co2_kg: float | None = None,
+    co2_failure: str | None = None,
     distributed: dict[str, Any] | None = None,
     steady: dict[str, Any] | None = None,
     precision: str | None = None,
@@ -498,7 +499,7 @@ def compute_summary(
     hours = wall_seconds / 3600 * device["count"]
     flops = 6.0 * params * tokens
     rate = tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None
-    costs = stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg)
+    costs = stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg, co2_failure)
     if steady is not None and steady.get("tokens_per_second") and rate and costs.get("mfu"):
         steady = {**steady, "mfu": costs["mfu"] * steady["tokens_per_second"] / rate}
     return {

@@ -53,6 +53,7 @@ class StageRun:
         self.record = record.new_record(stage, recipe, self.parent)
         self.wall_seconds: float | None = None
         self.co2_kg: float | None = None
+        self.co2_failure: str | None = None  # why codecarbon measured nothing, where it failed
         self.clock = throughput.step_clock()
 
     # ------------------------------------------------------------------------------------------------ start
@@ -89,6 +90,7 @@ class StageRun:
             finally:
                 self.wall_seconds = time.perf_counter() - start
         self.co2_kg = co2.kg
+        self.co2_failure = co2.failure
 
     def train(self, trainer, **kwargs):
         """`trainer.train()` from the checkpoint to resume (if any), measured."""
@@ -145,6 +147,7 @@ class StageRun:
             record.device_info(args.world_size),
             script_args=script_args,
             measured_co2_kg=self.co2_kg,
+            co2_failure=self.co2_failure,
             distributed=record.engine_info(trainer.accelerator),
             steady=throughput.steady(self.clock.stamps, self.clock.excluded, tokens / steps if steps else None),
             precision=precision(args),

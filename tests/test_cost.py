@@ -227,15 +227,20 @@ def test_a_failed_measurement_is_a_warning_and_an_estimate_that_says_why(
 ):
     """Training goes on; the warning and the record's CO2 source both say the figure is an estimate because the
     measurement failed, and why."""
+    from hfrecipes import record
+    from hfrecipes.stagerun import StageRun
+
     monkeypatch.setitem(sys.modules, "codecarbon", tracker)
+    run = StageRun("sft", tmp_path / "out", {})
     ran = False
-    with caplog.at_level("WARNING", logger="hfrecipes.costs"), measured_emissions(str(tmp_path)) as co2:
+    with caplog.at_level("WARNING", logger="hfrecipes.costs"), run.measured():
         ran = True
-    assert ran and co2.kg is None and reason in co2.failure, co2
-    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert ran and run.co2_kg is None and reason in run.co2_failure, run.co2_failure
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "hfrecipes.costs"]
     assert reason in warning and "estimated" in warning
-    costs = stage_costs(
-        1e12, 3600.0, {"kind": "cpu", "name": "x", "count": 1}, measured_co2_kg=co2.kg, co2_failure=co2.failure
+    device = {"kind": "cpu", "name": "x", "count": 1}
+    costs = record.compute_summary(
+        10**6, 10**6, 0.0, 3600.0, device, measured_co2_kg=run.co2_kg, co2_failure=run.co2_failure
     )
     assert costs["co2_kg"] == pytest.approx(costs["energy_kwh"] * 475 / 1000)
     assert costs["co2_source"].startswith("estimate: energy x grid intensity, as the measurement failed (")
