@@ -225,8 +225,10 @@ def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_token
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hfrecipes.modeling import inference_device
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(inference_device()).eval()
     ids = prompt_ids(tok, prompts)
     prefill_seconds(model, tok, ids[:batch_size], batch_size)  # warm-up, so neither timed side pays for it
     prefill, prefilled = prefill_seconds(model, tok, ids, batch_size, n)
@@ -274,12 +276,16 @@ def greedy_transformers(model_dir: Path, prompts, max_new_tokens: int = 16) -> l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hfrecipes.modeling import inference_device
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(inference_device()).eval()
     outs = []
     for ids in prompt_ids(tok, prompts):
         with torch.no_grad():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+            gen = model.generate(
+                torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False
+            )
         outs.append(gen[0, len(ids) :].tolist())
     return outs
 
@@ -379,6 +385,11 @@ def generate(
         )
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or n < 1:
         raise UsageError("sampling: temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and n >= 1 are needed.")
+    if n > 1 and temperature == 0:
+        raise UsageError(
+            f"n={n} replies at temperature 0 would be {n} copies of the greedy reply: pass --temperature above 0 "
+            "(e.g. 0.7) to sample them, or --n 1."
+        )
     for name, value in (("daily_input_tokens", daily_input_tokens), ("daily_output_tokens", daily_output_tokens)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise UsageError(f"{name} must be a number of tokens a day, zero or more; got {value!r}.")

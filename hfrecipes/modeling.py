@@ -49,6 +49,16 @@ def has_accelerator() -> bool:
     return _has_cuda_or_xpu() or (mps is not None and mps.is_available())
 
 
+def inference_device() -> str:
+    """Where a model loaded for generation runs: the accelerator `record.device_info` names, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
 def has_triton_device() -> bool:
     """A CUDA or XPU GPU with Triton installed: where TRL's fused LM head runs as a compiled kernel."""
     import importlib.util

@@ -264,6 +264,7 @@ CASES = {
         _generate("weights_cut_short"),
         ["model folder", "model.safetensors", "not a readable safetensors file"],
     ),
+    "generate_n_copies_of_greedy": ([*_generate("model"), "--n", "3"], ["n=3", "temperature 0", "--temperature"]),
     "generate_generation_config_cut_short": (
         _generate("generation_config_cut_short"),
         ["model folder", "generation_config.json"],

@@ -193,9 +193,19 @@ def test_generate_transformers_batched_equals_one_by_one(tiny_pretrained, tmp_pa
     assert _digest(exp / "model.safetensors") == weights  # inference never changes weights
 
 
-def test_generate_sampling_n_and_seed(tiny_pretrained, tmp_path):
+def test_generate_sampling_n_and_seed(tiny_pretrained, tmp_path, monkeypatch):
+    from hfrecipes import inference
+    from hfrecipes.record import device_info
+
     exp = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / "exp", verify_load=False).output_dir
     prompts = ["We count: 1, 2,", "Tom saw a"]
+    ran_on, generate_ids = set(), inference.generate_ids
+
+    def spy(model, *args, **kwargs):
+        ran_on.add(next(model.parameters()).device.type)
+        return generate_ids(model, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_ids", spy)
 
     def completions(**kwargs):
         rows, _ = hfrecipes.generate(exp, prompts, engine="transformers", n=3, max_new_tokens=8, record_stats=False,
@@ -208,6 +218,7 @@ def test_generate_sampling_n_and_seed(tiny_pretrained, tmp_path):
     # three samples of eight tokens at temperature 1 from a barely trained model differ (each token is drawn from a
     # wide distribution), where copies of one reply would be the same
     assert all(len(set(c)) > 1 for c in a), a
+    assert ran_on == {device_info(1)["kind"]}, "generation runs on the device the record names"
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,8 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
         gold_set = gold_set._replace(prompts=as_chat(prompts, training_args.system_prompt, tokenizer)["prompt"])
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
+    if engines.requested() not in engines.SHARDED and getattr(model, "hf_quantizer", None) is None:
+        model.to(training_args.device)  # where the trainer puts it, so the replies before training use the GPU too
     # Held-out evaluation runs on the main process only (the others wait at their first collective), so ranks do
     # not generate the same replies twice; where the weights are sharded (ZeRO-3, FSDP) every forward needs every
     # process, so all of them reply to the same prompts and the main one keeps the numbers.
