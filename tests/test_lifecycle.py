@@ -81,7 +81,15 @@ def test_first_run_makes_every_artifact(first):
     assert set(rows["sft"]["by_group"]) == {"carry", "no_carry"}
     keys = [c["key"] for c in summary["claims"]]
     assert {"imitation", "plateau", "past_ceiling", "control", "dpo", "hacking"} <= set(keys), keys
-    assert all(c["supported"] in (True, False, None) and c["text"] for c in summary["claims"])
+    # each verdict follows from the rows' numbers and the recipe's margins, whichever way this short run came out
+    spec, by_key = summary["claims_spec"], {c["key"]: c for c in summary["claims"]}
+    best_rl = max((rows[i] for i in spec["rl"] if rows.get(i)), key=lambda r: r["heldout_accuracy"])
+    ceiling, control = rows[spec["ceiling"]]["heldout_accuracy"], summary["control"]["heldout_accuracy"]
+    gain = best_rl["heldout_accuracy"] - ceiling
+    assert by_key["past_ceiling"]["supported"] is (gain >= spec["rl_margin"] - 1e-9), by_key["past_ceiling"]
+    lead = best_rl["heldout_accuracy"] - control
+    assert by_key["control"]["supported"] is (lead >= spec["control_margin"] - 1e-9), by_key["control"]
+    assert best_rl["id"] in by_key["past_ceiling"]["text"] and all(c["text"] for c in summary["claims"])
     assert rows["ppo_rm"]["gold"]["checks"] >= 2 and rows["sft"]["gold"]["checks"] >= 2
     ppo = json.loads((run_dir / "ppo" / "record.json").read_text())
     assert ppo["recipe"]["values"]["reward_model_path"] == str(run_dir / "reward")
