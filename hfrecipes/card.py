@@ -592,7 +592,14 @@ def render(
         f"A {model.get('model_type') or ''} model of {_si(params)} parameters after the **{last['stage']}** stage "
         f"({len(rows)} stage(s) in its lineage), trained with [hfrecipes](https://pypi.org/project/hfrecipes/)."
     )
-    if exported:
+    gguf = (exported or {}).get("gguf")
+    if gguf:
+        merged = "adapters merged, " if model.get("merged_adapter") else ""
+        summary += (
+            f" Exported as one GGUF file for llama.cpp and Ollama ({merged}{gguf['quant']}, {_si(gguf['bytes'], 'B')},"
+            f" sha256 {gguf['sha256'][:12]}...)."
+        )
+    elif exported:
         merged = "adapters merged, " if model.get("merged_adapter") else ""
         summary += f" Exported for serving ({merged}dtype {exported.get('dtype')})."
     return ModelCard.from_template(
@@ -620,6 +627,8 @@ def render(
         gold=gold_text(gold, plots or []),
         metrics=metrics,
         adapter=model.get("adapter"),
+        gguf=gguf,
+        gguf_check=(exported or {}).get("verify") if gguf else None,
         auto_class=AUTO_CLASSES.get(last["stage"], "AutoModelForCausalLM"),
         repo=repo,
         plots=[p for p in plots or [] if p["file"] not in (SERVING_PLOT, GOLD_PLOT)],

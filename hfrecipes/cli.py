@@ -7,6 +7,7 @@ hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 hfrecipes serve runs/tiny/export --port 8000
 hfrecipes convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2-135m
+hfrecipes export runs/tiny/sft runs/tiny/gguf --format gguf --quant q8_0
 hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft
 hfrecipes accelerate-config zero3
 """
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("stage_dir", help="a stage folder (full weights or a LoRA adapter)")
     exp.add_argument("out_dir", help="the folder to write (refused if it holds files, unless --force)")
     exp.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    exp.add_argument("--format", default="safetensors", help="safetensors (a vLLM folder) or gguf (llama.cpp, Ollama)")
+    exp.add_argument("--quant", help="the GGUF file's type: f16, q8_0 (default) or q4_0")
     exp.add_argument("--force", action="store_true", help="replace an existing export folder")
     exp.add_argument("--no-verify", dest="verify", action="store_false", help="skip the reload/vLLM check")
     exp.add_argument("--no-vllm", dest="vllm", action="store_false", default=None, help="skip the vLLM check")
@@ -314,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
                 verify_load=args.verify,
                 use_vllm=args.vllm,
                 trust_remote_code=args.trust_remote_code,
+                format=args.format,
+                quant=args.quant,
             )
             verified = result.record["export"].get("verify", {})
-            print(f"exported {args.stage_dir} -> {result.output_dir}; verify: {json.dumps(verified)}")
+            file = (result.record["export"].get("gguf") or {}).get("file")
+            where = result.output_dir / file if file else result.output_dir
+            print(f"exported {args.stage_dir} -> {where}; verify: {json.dumps(verified)}")
             return 0
         if args.command == "convert":
             from hfrecipes.api import convert

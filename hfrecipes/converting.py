@@ -11,7 +11,6 @@ that transformers, PEFT and vLLM can load, and the base's pretraining is the fir
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import yaml
 
 from hfrecipes import costs, record
 from hfrecipes.errors import UsageError
+from hfrecipes.gguf_export import sha256
 from hfrecipes.modeling import check_gguf
 
 logger = logging.getLogger(__name__)
@@ -123,14 +123,6 @@ def gguf_metadata(file: Path) -> dict[str, Any]:
         meta["quantization"] = None
     meta["tensor_types"] = dict(Counter(t.tensor_type.name for t in reader.tensors))
     return meta
-
-
-def sha256(file: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_convertible(file: Path, field: str = "model_name_or_path") -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """Export a stage folder to a folder vLLM serves as is: adapters merged, one dtype, safetensors, tokenizer, chat
 template, a generation config whose EOS/pad agree with the chat template, the stage record and card; then verify
-that it loads with transformers and, when vLLM is installed, gives the same greedy tokens in the vLLM engine.
+that it loads with transformers and, when vLLM is installed, gives the same greedy tokens in the vLLM engine. With
+`--format gguf`, the folder holds one GGUF file for llama.cpp and Ollama and its Modelfile instead, checked by reading
+it back (`hfrecipes.gguf_export`).
 
     hfrecipes export runs/tiny/sft runs/tiny/export
     hfrecipes export runs/tiny/sft runs/tiny/export --dtype bfloat16 --force
+    hfrecipes export runs/tiny/sft runs/tiny/gguf --format gguf --quant q8_0
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hfrecipes import record
+from hfrecipes import gguf_export, record
 from hfrecipes.errors import UsageError
 from hfrecipes.inference import greedy_transformers, greedy_vllm, kv_cache_of, until_eos, vllm_available
 from hfrecipes.modeling import check_stage_dir, is_adapter, load_merged
@@ -43,6 +46,13 @@ def generation_settings(tok, model) -> dict[str, Any]:
         "pad_token_id": pad,
         "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else model.config.bos_token_id,
     }
+
+
+def end_of_turn(settings: dict[str, Any]) -> int:
+    """The token a chat reply ends with: the last of `generation_settings`' EOS ids (the tokenizer's own EOS comes
+    first, the chat template's end-of-turn token after it)."""
+    eos = settings["eos_token_id"]
+    return eos[-1] if isinstance(eos, list) else eos
 
 
 def verify(out_dir: Path, use_vllm: bool | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
@@ -79,32 +89,44 @@ def export(
     verify_load: bool = True,
     use_vllm: bool | None = None,
     trust_remote_code: bool = False,
+    format: str = "safetensors",
+    quant: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Merge, cast, write, verify. Returns (out_dir, record). Nothing is written until all checks pass, and the
-    folder appears whole: it is built in a temporary sibling and renamed into place."""
+    folder appears whole: it is built in a temporary sibling and renamed into place. `format="gguf"` writes one GGUF
+    file of type `quant` (f16, q8_0, q4_0; default q8_0) and its Ollama Modelfile instead of a safetensors folder."""
     from transformers import GenerationConfig
 
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
-    if dtype not in DTYPES:
-        raise UsageError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
+    check_format(format, quant, dtype)
+    gguf = format == "gguf"
+    quant = (quant or "q8_0") if gguf else None
     check_stage_dir(stage_dir)
     record.check_new_folder(out_dir, force, "export folder")
     if out_dir.resolve() == stage_dir.resolve():
         raise UsageError("export folder and stage folder are the same; choose another export folder.")
+    facts = gguf_export.check_exportable(stage_dir, quant) if gguf else None
     parent = record.read_record(stage_dir)
+    name = model_name(out_dir, parent)
 
     with record.staged_folder(out_dir) as tmp:
         run = StageRun(EXPORT, tmp, (parent or {}).get("recipe") or {}, parent_dir=stage_dir, check_output=False)
         with run.measured():
-            model, tok = load_merged(stage_dir, dtype, trust_remote_code)
+            # GGUF quantizes from fp32, as llama.cpp's converter does: no rounding to a half type first
+            model, tok = load_merged(stage_dir, "float32" if gguf else dtype, trust_remote_code)
             settings = generation_settings(tok, model)
-            model.config.eos_token_id = settings["eos_token_id"]
-            model.config.pad_token_id = settings["pad_token_id"]
-            model.generation_config = GenerationConfig(**settings, do_sample=False)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
+            if gguf:
+                file, eot = tmp / f"{name}-{quant}.gguf", end_of_turn(settings)
+                written = gguf_export.write_gguf(model, tok, stage_dir, file, quant, facts, name, eot)
+                (tmp / gguf_export.MODELFILE).write_text(gguf_export.modelfile(tok, file.name, eot))
+            else:
+                model.config.eos_token_id = settings["eos_token_id"]
+                model.config.pad_token_id = settings["pad_token_id"]
+                model.generation_config = GenerationConfig(**settings, do_sample=False)
+                model.save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
         rec = run.record
-        run.describe_model(model, str(stage_dir), dtype=dtype if dtype != "auto" else None)
+        run.describe_model(model, str(stage_dir), dtype=dtype if dtype != "auto" and not gguf else None)
         rec["model"]["merged_adapter"] = is_adapter(stage_dir)
         rec["data"] = {"knowledge_cutoff": None, "model_cutoff": (parent or {}).get("data", {}).get("model_cutoff")}
         # export trains nothing: no FLOPs of 6·N·D and no training throughput, only the wall time of merging and
@@ -115,25 +137,48 @@ def export(
         # the parent's evaluation results carry over (same weights); its training counters do not
         training_only = ("steps", "train_loss", "first_logged_loss", "last_logged_loss")
         rec["metrics"] = {k: v for k, v in ((parent or {}).get("metrics") or {}).items() if k not in training_only}
-        rec["export"] = {"dtype": dtype, "generation": settings, "model_name": model_name(out_dir, parent)}
-        rec["export"]["kv_cache"] = kv_cache_of(tmp, rec["compute"]["device"])
-        if verify_load:
-            rec["export"]["verify"] = verify(tmp, use_vllm)
-            vl = rec["export"]["verify"].get("vllm")
-            if isinstance(vl, dict) and vl["greedy_matches"] != vl["of"]:
-                logger.warning(
-                    "vLLM greedy tokens differ from transformers on %d of %d prompts",
-                    vl["of"] - vl["greedy_matches"],
-                    vl["of"],
-                )
+        rec["export"] = {"dtype": dtype, "generation": settings, "model_name": name, "format": format}
+        if gguf:
+            rec["export"]["dtype"] = None
+            rec["export"]["gguf"] = {"file": file.name, "quant": quant, "bytes": file.stat().st_size}
+            rec["export"]["gguf"] |= {"sha256": gguf_export.sha256(file), **written}
+            if verify_load:
+                check = gguf_export.verify_gguf(tmp, file.name, model, tok, quant, VERIFY_PROMPTS, eot)
+                rec["export"]["verify"] = check
+                if check["within_tolerance"] is False or check["tokenizer_ids_match"] != check["prompts"]:
+                    logger.warning("the GGUF read back differs from the source beyond its tolerance: %s", check)
+        else:
+            rec["export"]["kv_cache"] = kv_cache_of(tmp, rec["compute"]["device"])
+            if verify_load:
+                rec["export"]["verify"] = verify(tmp, use_vllm)
+                vl = rec["export"]["verify"].get("vllm")
+                if isinstance(vl, dict) and vl["greedy_matches"] != vl["of"]:
+                    logger.warning(
+                        "vLLM greedy tokens differ from transformers on %d of %d prompts",
+                        vl["of"] - vl["greedy_matches"],
+                        vl["of"],
+                    )
         run.complete()
         run.close(name=out_dir)
     return out_dir, rec
 
 
+def check_format(format: str, quant: str | None, dtype: str) -> None:
+    """The export's format flags fit together: a known format and dtype, a quant type only for GGUF."""
+    if format not in gguf_export.FORMATS:
+        raise UsageError(f"--format '{format}' is not one of {', '.join(gguf_export.FORMATS)}.")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
+    if format == "gguf" and dtype != "auto":
+        raise UsageError(f"--dtype {dtype} applies to --format safetensors; a GGUF export's type is --quant.")
+    if format != "gguf" and quant is not None:
+        raise UsageError(f"--quant {quant} applies to --format gguf; a safetensors export's type is --dtype.")
+
+
 def model_name(out_dir: Path, parent: dict[str, Any] | None) -> str:
-    """What the card calls the exported model: the folder's name, unless that only says "export" (as a lifecycle's
-    `<run>/export` does); then the run's name and the stage that trained the weights, e.g. `tiny-grpo`."""
-    if out_dir.name != EXPORT or not parent:
+    """What the card (and a GGUF file) calls the exported model: the folder's name, unless that only says "export" or
+    "gguf" (as a lifecycle's `<run>/export` does); then the run's name and the stage that trained the weights, e.g.
+    `tiny-grpo`."""
+    if out_dir.name not in (EXPORT, "gguf") or not parent:
         return out_dir.name
     return f"{out_dir.resolve().parent.name}-{parent['stage']}"

@@ -1,0 +1,171 @@
+"""Export to GGUF (`hfrecipes export --format gguf`), proven by reading the file back with transformers' own GGUF
+loader: the tiny Llama in f16 and q8_0 (logits within the quant's tolerance, greedy replies, tokenizer ids and chat
+template as the source's), a LoRA stage merged first, and the Qwen2 and Mistral layouts. Bad input to the GGUF export
+is in tests/test_bad_input.py; the real SmolLM2 round trip in tests/test_real_model.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import hfrecipes
+from hfrecipes import gguf_export, record
+
+PROMPTS = 8  # held-out prompts of the tiny task the read-back model answers
+
+
+def heldout_prompts(n: int = PROMPTS) -> list:
+    from hfrecipes.data import tiny_rows
+
+    return [r["prompt"] for r in tiny_rows("prompts", "test")[:n]] + ["One sunny day, Mia went to the"]
+
+
+def gguf_file(folder: Path) -> Path:
+    (file,) = folder.glob("*.gguf")
+    return file
+
+
+def compare(source: Path | tuple, out: Path, prompts: list, max_new_tokens: int = 12) -> dict:
+    """A source (a model folder, or a model and its tokenizer) and the GGUF read back by transformers, side by side on
+    `prompts`: the largest |logit difference| (and relative to the source logits' spread), greedy replies equal, and
+    token ids equal."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfrecipes.inference import prompt_ids
+
+    file = gguf_file(out).name
+    if isinstance(source, Path):
+        source = (
+            AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(source),
+        )
+    model, tok = source[0].eval(), source[1]
+    back_tok = AutoTokenizer.from_pretrained(out, gguf_file=file)
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=file, dtype=torch.float32).eval()
+    ids, back_ids = prompt_ids(tok, prompts), prompt_ids(back_tok, prompts)
+    worst, spread, greedy = 0.0, 0.0, 0
+    with torch.no_grad():
+        for x in ids:
+            t = torch.tensor([x])
+            a, b = model(t).logits[0], back(t).logits[0]
+            worst, spread = max(worst, (a - b).abs().max().item()), max(spread, a.std().item())
+            kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
+            greedy += model.generate(t, **kw)[0].tolist() == back.generate(t, **kw)[0].tolist()
+    same_ids = sum(a == b for a, b in zip(ids, back_ids, strict=True))
+    return {"max_abs": worst, "relative": worst / spread, "greedy": greedy, "ids": same_ids, "back_tok": back_tok}
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_round_trip_of_the_tiny_model(tiny_pretrained, tmp_path, quant):
+    import gguf
+
+    src = tiny_pretrained.output_dir
+    out = hfrecipes.export(src, tmp_path / "gguf", format="gguf", quant=quant).output_dir
+    file = gguf_file(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([file.name, "Modelfile", "README.md", "record.json"])
+    assert file.name == f"{tmp_path.name}-pretrain-{quant}.gguf"  # a folder named "gguf": the run's name and stage
+
+    reader = gguf.GGUFReader(str(file))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    config = json.loads((src / "config.json").read_text())
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == config["num_hidden_layers"]
+    assert meta["llama.attention.head_count_kv"] == config["num_key_value_heads"]
+    assert meta["llama.rope.dimension_count"] == config["head_dim"]
+    assert meta["llama.context_length"] == config["max_position_embeddings"]
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == 2  # <|im_end|>: the chat's end of turn
+    assert "{% generation %}" not in meta["tokenizer.chat_template"]
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in types, "tied embeddings are stored once, as token_embd"
+    matrix = {"f16": "F16", "q8_0": "Q8_0"}[quant]
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == types["blk.3.ffn_down.weight"] == matrix
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+
+    got = compare(src, out, heldout_prompts())
+    assert got["ids"] == PROMPTS + 1, "the tokenizer read back splits a prompt differently"
+    assert got["relative"] <= gguf_export.TOLERANCE[quant], got
+    if quant == "f16":
+        assert got["greedy"] == PROMPTS + 1, got
+    messages = [{"role": "user", "content": "What is 3 plus 4?"}]
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(src).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert got["back_tok"].apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+
+    rec = record.read_record(out)
+    block = rec["export"]["gguf"]
+    assert rec["export"]["format"] == "gguf" and block["quant"] == quant and block["file"] == file.name
+    assert block["bytes"] == file.stat().st_size and block["sha256"] == gguf_export.sha256(file)
+    check = rec["export"]["verify"]
+    assert check["within_tolerance"] and check["tokenizer_ids_match"] == check["prompts"], check
+    card = (out / "README.md").read_text()
+    assert file.name in card and block["sha256"] in card and "ollama create" in card and "llama-cli" in card
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{file.name}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert "<|im_start|>{{ .Role }}" in modelfile
+
+
+def test_q8_0_is_about_half_of_f16(tiny_pretrained, tmp_path):
+    sizes = {}
+    for quant in ("f16", "q8_0"):
+        out = hfrecipes.export(
+            tiny_pretrained.output_dir, tmp_path / quant, format="gguf", quant=quant, verify_load=False
+        )
+        sizes[quant] = out.record["export"]["gguf"]["bytes"]
+    # Q8_0 stores 34 bytes per 32 weights, F16 64; the F32 norms and the header are the same in both
+    assert 0.5 < sizes["q8_0"] / sizes["f16"] < 0.6, sizes
+
+
+def test_a_lora_stage_is_merged_before_writing(tiny_sft_lora, tmp_path):
+    """The GGUF of a LoRA stage holds base + adapter: read back, it gives the merged model's logits, not the base's."""
+    from hfrecipes.modeling import load_merged
+
+    stage = tiny_sft_lora[0].output_dir
+    out = hfrecipes.export(stage, tmp_path / "gguf", format="gguf", quant="f16", verify_load=False).output_dir
+    merged = compare(load_merged(stage, "float32"), out, heldout_prompts(4))
+    assert merged["relative"] <= gguf_export.TOLERANCE["f16"], merged
+    base = compare(Path(json.loads((stage / "adapter_config.json").read_text())["base_model_name_or_path"]), out,
+                   heldout_prompts(4))  # fmt: skip
+    assert base["max_abs"] > 10 * merged["max_abs"], "the adapter made no difference the file shows"
+    assert record.read_record(out)["model"]["merged_adapter"] is True
+
+
+def _random_model(tok, model_type: str, folder: Path) -> Path:
+    """A small random model of another architecture with the tiny tokenizer, biases (where it has them) non-zero so
+    a misplaced bias shows in the logits."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), num_key_value_heads=2, max_position_embeddings=256, **dims,
+        tie_word_embeddings=model_type == "qwen2", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type, arch, bias", [("qwen2", "qwen2", True), ("mistral", "llama", False)])
+def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_type, arch, bias):
+    import gguf
+    from transformers import AutoTokenizer
+
+    src = _random_model(AutoTokenizer.from_pretrained(tiny_pretrained.output_dir), model_type, tmp_path / model_type)
+    out = hfrecipes.export(src, tmp_path / "gguf", format="gguf", quant="f16", verify_load=False).output_dir
+    reader = gguf.GGUFReader(str(gguf_file(out)))
+    names = {t.name for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == arch
+    assert ("blk.1.attn_k.bias" in names) is bias and ("output.weight" in names) is (model_type == "mistral")
+    got = compare(src, out, heldout_prompts(4))
+    assert got["relative"] <= gguf_export.TOLERANCE["f16"] and got["greedy"] == 5, got
