@@ -52,6 +52,7 @@ def user(tmp_path_factory) -> Path:
     (root / "finished" / "record.json").write_text(json.dumps({"stage": "sft", "run_id": "0", "status": "complete"}))
     (root / "a_file.txt").write_text("not a folder\n")
     _damaged_models(root)
+    _other_models(root)
     _bad_data_files(root)
     (root / "broken_template.jinja").write_text("{% for m in messages %}{{ m.content")
     (root / "prompts.jsonl").write_text('{"prompt": "What is 2 plus 3?"}\n')
@@ -94,6 +95,23 @@ def _damaged_models(root: Path) -> None:
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     )
+
+
+def _other_models(root: Path) -> None:
+    """Models GGUF export cannot write: another architecture (GPT-2), and a LoRA adapter whose base is gone."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "gpt2")
+    base = AutoModelForCausalLM.from_pretrained(root / "model")
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(root / "adapter")
+    tok.save_pretrained(root / "adapter")
+    adapter_config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(root / "deleted-base")
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
 
 
 ROLES = ("tool", "bot", "narrator")
@@ -260,6 +278,28 @@ CASES = {
         ["export", "{user}/tokenizer_cut_short", "{out}", "--no-vllm"],
         ["stage folder", "tokenizer.json", "not valid JSON"],
     ),
+    # GGUF export: refused before any weights load
+    "export_gguf_architecture_unmapped": (
+        ["export", "{user}/gpt2", "{out}", "--format", "gguf"],
+        ["config.json", "model_type 'gpt2'", "--format safetensors"],
+    ),
+    "export_gguf_quant_unsupported": (
+        ["export", "{user}/model", "{out}", "--format", "gguf", "--quant", "q5_k"],
+        ["--quant 'q5_k'", "f16, q8_0, q4_0"],
+    ),
+    "export_gguf_into_a_folder_of_files": (
+        ["export", "{user}/model", "{user}/mine", "--format", "gguf"],
+        ["export folder", "holds files", "--force"],
+    ),
+    "export_gguf_adapter_base_missing": (
+        ["export", "{user}/adapter", "{out}", "--format", "gguf"],
+        ["deleted-base", "base_model_name_or_path", "does not exist"],
+    ),
+    "export_gguf_with_a_dtype": (
+        ["export", "{user}/model", "{out}", "--format", "gguf", "--dtype", "float16"],
+        ["--dtype float16", "--quant"],
+    ),
+    "export_format_unknown": (["export", "{user}/model", "{out}", "--format", "onnx"], ["--format 'onnx'", "gguf"]),
     "generate_weights_cut_short": (
         _generate("weights_cut_short"),
         ["model folder", "model.safetensors", "not a readable safetensors file"],
