@@ -1,6 +1,7 @@
 """The real SmolLM2-135M-Instruct (dequantized from its GGUF) through convert, SFT (full, LoRA, QLoRA) and export
 into vLLM, a few steps each: the held-out loss falls, adapters move while the base stays as converted, general
-answers survive a LoRA run on unrelated data, and vLLM's greedy tokens equal transformers' on the export.
+answers survive a LoRA run on unrelated data, and vLLM's greedy tokens equal transformers' on the export. The LoRA
+stage exported back to GGUF (q8_0) reads back with the stage's own tokenizer and greedy replies.
 
     pytest -m realmodel
 """
@@ -238,3 +239,28 @@ def test_a_gguf_without_a_chat_template_on_conversations_names_the_file(smollm2,
     with pytest.raises(UsageError, match=r"converted from SmolLM2-135M-Instruct\.Q4_1\.gguf.*chat_template_path"):
         sft(folder, tmp_path / "out", sums, max_steps=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_q8_0_of_the_lora_stage_reads_back_with_the_sources_replies(lora_sft, sums, tmp_path):
+    """SmolLM2's GGUF -> LoRA SFT -> GGUF q8_0 (adapter merged) -> read back by transformers' GGUF loader: the
+    tokenizer and the greedy replies to general and held-out questions are the LoRA stage's own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfrecipes.modeling import load_merged
+
+    result, _ = lora_sft
+    out = hfrecipes.export(result.output_dir, tmp_path / "gguf", format="gguf", quant="q8_0", verify_load=False)
+    file = out.output_dir / out.record["export"]["gguf"]["file"]
+    assert out.record["model"]["merged_adapter"] is True and file.stat().st_size < 0.6 * 2 * 134_515_008
+    source, tok = load_merged(result.output_dir, "float32")
+    back = AutoModelForCausalLM.from_pretrained(out.output_dir, gguf_file=file.name, dtype=torch.float32).eval()
+    back_tok = AutoTokenizer.from_pretrained(out.output_dir, gguf_file=file.name)
+    held_out = [json.loads(line)["messages"][0]["content"] for line in (sums / "test.jsonl").read_text().splitlines()]
+    questions = [q for q, _ in GENERAL] + held_out[:2]
+    for q in questions:
+        chat = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        assert back_tok(chat)["input_ids"] == tok(chat)["input_ids"], q
+    replies = [(greedy(source, tok, q), greedy(back, back_tok, q)) for q in questions]
+    assert all(a == b for a, b in replies), replies
+    modelfile = (out.output_dir / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
