@@ -92,7 +92,8 @@ def recipes() -> list[str]:
 
 
 def export(stage_dir: str | Path, out_dir: str | Path, **kwargs) -> StageResult:
-    """Merge adapters and write a folder vLLM serves as is; verify it (see `hfrecipes.exporting.export`)."""
+    """Merge adapters and write a folder vLLM serves as is, or with `format="gguf"` one GGUF file for llama.cpp and
+    Ollama; verify it (see `hfrecipes.exporting.export`)."""
     from hfrecipes.exporting import export as _export
 
     out, rec = _export(stage_dir, out_dir, **kwargs)

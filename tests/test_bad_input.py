@@ -98,7 +98,10 @@ def _damaged_models(root: Path) -> None:
 
 
 def _other_models(root: Path) -> None:
-    """Models GGUF export cannot write: another architecture (GPT-2), and a LoRA adapter whose base is gone."""
+    """Models GGUF export cannot write: another architecture (GPT-2), a LoRA adapter whose base is gone, scaled RoPE,
+    and a tokenizer whose pre-tokenizer llama.cpp does not know."""
+    import shutil
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
@@ -112,6 +115,14 @@ def _other_models(root: Path) -> None:
     adapter_config = json.loads((root / "adapter" / "adapter_config.json").read_text())
     adapter_config["base_model_name_or_path"] = str(root / "deleted-base")
     (root / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    edits = {
+        "rope_scaled": ("config.json", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+        "metaspace": ("tokenizer.json", "pre_tokenizer", {"type": "Metaspace", "replacement": "\u2581"}),
+    }
+    for name, (file, key, value) in edits.items():
+        shutil.copytree(root / "model", root / name)
+        content = json.loads((root / name / file).read_text())
+        (root / name / file).write_text(json.dumps({**content, key: value}))
 
 
 ROLES = ("tool", "bot", "narrator")
@@ -294,6 +305,14 @@ CASES = {
     "export_gguf_adapter_base_missing": (
         ["export", "{user}/adapter", "{out}", "--format", "gguf"],
         ["deleted-base", "base_model_name_or_path", "does not exist"],
+    ),
+    "export_gguf_rope_scaled": (
+        ["export", "{user}/rope_scaled", "{out}", "--format", "gguf"],
+        ["config.json", "rope_parameters.rope_type 'linear'", "--format safetensors"],
+    ),
+    "export_gguf_pre_tokenizer_unknown": (
+        ["export", "{user}/metaspace", "{out}", "--format", "gguf"],
+        ["tokenizer.json", "pre_tokenizer (Metaspace)", "llama.cpp"],
     ),
     "export_gguf_with_a_dtype": (
         ["export", "{user}/model", "{out}", "--format", "gguf", "--dtype", "float16"],

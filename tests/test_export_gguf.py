@@ -169,3 +169,18 @@ def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_ty
     assert ("blk.1.attn_k.bias" in names) is bias and ("output.weight" in names) is (model_type == "mistral")
     got = compare(src, out, heldout_prompts(4))
     assert got["relative"] <= gguf_export.TOLERANCE["f16"] and got["greedy"] == 5, got
+
+
+def test_a_template_that_is_not_chatml_leaves_ollama_the_files_own(tiny_pretrained):
+    """Only a chat template that renders as ChatML is translated into the Modelfile; another keeps no TEMPLATE (Ollama
+    then reads the one in the file), and the stop is still the end-of-turn token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pretrained.output_dir)
+    assert gguf_export.chatml_system(tok) == (True, None)
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert gguf_export.chatml_system(tok) == (False, None)
+    text = gguf_export.modelfile(tok, "m.gguf", tok.convert_tokens_to_ids("<|im_end|>"))
+    assert not any(line.startswith(("TEMPLATE", "SYSTEM")) for line in text.splitlines()), text
+    assert "not ChatML-style" in text
+    assert text.startswith("FROM ./m.gguf\n") and text.rstrip().endswith('PARAMETER stop "<|im_end|>"')
