@@ -58,6 +58,11 @@ def check_export(folder: Path) -> dict:
             f"'{folder}' is not an export folder: it {found}. Export it first (hfrecipes export {folder} OUT_DIR), "
             "then serve OUT_DIR."
         )
+    if (rec.get("export") or {}).get("format") == "gguf":
+        raise UsageError(
+            f"export folder '{folder}' holds a GGUF file for llama.cpp and Ollama (see its README.md and Modelfile); "
+            "vLLM serves a safetensors export: hfrecipes export STAGE_DIR OUT_DIR, then serve OUT_DIR."
+        )
     if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
         raise UsageError(
             f"export folder '{folder}' holds no model weights (config.json and *.safetensors); export the stage "

@@ -184,3 +184,12 @@ def test_a_template_that_is_not_chatml_leaves_ollama_the_files_own(tiny_pretrain
     assert not any(line.startswith(("TEMPLATE", "SYSTEM")) for line in text.splitlines()), text
     assert "not ChatML-style" in text
     assert text.startswith("FROM ./m.gguf\n") and text.rstrip().endswith('PARAMETER stop "<|im_end|>"')
+
+
+def test_serve_refuses_a_gguf_export_naming_llama_cpp(tiny_pretrained, tmp_path, capsys):
+    from hfrecipes import cli
+
+    out = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / "gguf", format="gguf", verify_load=False).output_dir
+    assert cli.main(["serve", str(out), "--port", "8765"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("hfrecipes: error:") == 1 and "GGUF file for llama.cpp and Ollama" in err and "safetensors" in err
