@@ -156,19 +156,36 @@ def _random_model(tok, model_type: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model_type, arch, bias", [("qwen2", "qwen2", True), ("mistral", "llama", False)])
-def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_type, arch, bias):
+@pytest.mark.parametrize(
+    "model_type, arch, bias, split, pre",
+    [("qwen2", "qwen2", True, "qwen2", "qwen2"), ("mistral", "llama", False, "llama3", "llama-bpe")],
+)
+def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_type, arch, bias, split, pre):
+    """Each with a pre-tokenizer of its family (Qwen2's or Llama 3's split regex before byte-level BPE), which the file
+    names as llama.cpp does and transformers' reader splits the same way again."""
     import gguf
+    from tokenizers import Regex, pre_tokenizers
     from transformers import AutoTokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    src = _random_model(AutoTokenizer.from_pretrained(tiny_pretrained.output_dir), model_type, tmp_path / model_type)
+    tok = AutoTokenizer.from_pretrained(tiny_pretrained.output_dir)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS[split]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    src = _random_model(tok, model_type, tmp_path / model_type)
     out = hfrecipes.export(src, tmp_path / "gguf", format="gguf", quant="f16", verify_load=False).output_dir
     reader = gguf.GGUFReader(str(gguf_file(out)))
     names = {t.name for t in reader.tensors}
     assert reader.fields["general.architecture"].contents() == arch
+    assert reader.fields["tokenizer.ggml.pre"].contents() == pre
     assert ("blk.1.attn_k.bias" in names) is bias and ("output.weight" in names) is (model_type == "mistral")
-    got = compare(src, out, heldout_prompts(4))
-    assert got["relative"] <= gguf_export.TOLERANCE["f16"] and got["greedy"] == 5, got
+    prompts = heldout_prompts(4) + ["Tom's 12 dogs ran  home.\n\nThey're 345 today!"]
+    got = compare(src, out, prompts)
+    assert got["ids"] == len(prompts), "the read-back tokenizer splits a prompt differently"
+    assert got["relative"] <= gguf_export.TOLERANCE["f16"] and got["greedy"] == len(prompts), got
 
 
 def test_a_template_that_is_not_chatml_leaves_ollama_the_files_own(tiny_pretrained):
