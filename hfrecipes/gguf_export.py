@@ -192,7 +192,7 @@ def write_gguf(
         if arch in PERMUTED and new.endswith(("attn_q.weight", "attn_k.weight")):
             heads = cfg.num_attention_heads if ".attn_q." in new else cfg.num_key_value_heads
             data = permute(data, heads)
-        qtype = _tensor_type(new, data, matrix_type, cfg.tie_word_embeddings)
+        qtype = _tensor_type(new, data, matrix_type)
         stored = gguf.quants.quantize(data, qtype)
         w.add_tensor(new, stored, raw_dtype=qtype)  # the byte rows of a quantized tensor give its shape
         types[qtype.name] = types.get(qtype.name, 0) + 1
@@ -203,7 +203,7 @@ def write_gguf(
     return {"architecture": arch, "pre_tokenizer": facts["pre_tokenizer"], "tensor_types": types}
 
 
-def _tensor_type(name: str, data, matrix_type: str, tied: bool):
+def _tensor_type(name: str, data, matrix_type: str):
     """F32 for 1-D tensors; the quant's type for matrices whose rows split into its blocks, else F16; q4_0's
     embedding (and output layer) at Q8_0."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -257,9 +257,12 @@ def _add_tokenizer(w, tok, stage_dir: Path, vocab_size: int, pre: str, eot: int)
 # -------------------------------------------------------------------------------------------- Ollama Modelfile
 
 _CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+# Ollama gathers every system message (and the Modelfile's SYSTEM) into .System, and recent versions also keep them in
+# .Messages: the system turn is written once, from .System, and skipped in the loop
 _OLLAMA_CHATML = (
     "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+    '{{- range .Messages }}{{ if ne .Role "system" }}'
+    "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"
     "<|im_start|>assistant\n"
 )
 
@@ -312,8 +315,8 @@ def modelfile(tok, gguf_name: str, eot: int) -> str:
 
 # A GGUF file read back differs from its source by the rounding of its type: the largest |logit difference| tolerated,
 # as a share of the source logits' spread (standard deviation), per quant type; docs/export.md gives the measured
-# values these bound. q4_0 has none: at 4 bits the error depends on the model too much for one bound (a model of
-# 135M parameters loses most of its greedy replies), so it is measured and recorded only.
+# values these bound. q4_0 has none: at 4 bits the error depends on the model too much for one bound (a small model
+# can lose most of its greedy replies), so it is measured and recorded only.
 TOLERANCE: dict[str, float | None] = {"f16": 0.02, "q8_0": 0.3, "q4_0": None}
 
 
