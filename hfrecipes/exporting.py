@@ -100,6 +100,11 @@ def export(
     stage_dir, out_dir = Path(stage_dir), Path(out_dir)
     check_format(format, quant, dtype)
     gguf = format == "gguf"
+    if gguf and out_dir.suffix == ".gguf":
+        raise UsageError(
+            f"export folder '{out_dir}' is named like a file: OUT is the folder that will hold the .gguf file, its "
+            "Modelfile, record and card. Name a folder, e.g. runs/tiny/gguf."
+        )
     quant = (quant or "q8_0") if gguf else None
     check_stage_dir(stage_dir)
     record.check_new_folder(out_dir, force, "export folder")

@@ -314,6 +314,10 @@ CASES = {
         ["export", "{user}/metaspace", "{out}", "--format", "gguf"],
         ["tokenizer.json", "pre_tokenizer (Metaspace)", "llama.cpp"],
     ),
+    "export_gguf_out_named_like_a_file": (
+        ["export", "{user}/model", "{out}/model.gguf", "--format", "gguf"],
+        ["model.gguf", "named like a file", "Name a folder"],
+    ),
     "export_gguf_with_a_dtype": (
         ["export", "{user}/model", "{out}", "--format", "gguf", "--dtype", "float16"],
         ["--dtype float16", "--quant"],
