@@ -52,6 +52,10 @@ def sft(parent, out, data, **overrides):
         save_strategy="no",
         warmup_steps=0,
         lr_scheduler_type="constant",
+        # no gold check: the tiny task's 200 validation replies, at the start and the end, cost more than the training
+        gold_dataset_name=None,
+        gold_patience=None,
+        gold_keep_best=False,
         **overrides,
     )
 

@@ -266,6 +266,7 @@ def test_lora_ppo_against_the_reward_model_trains_policy_and_value_head(smollm2,
         model_name_or_path=str(smollm2),
         reward_model_path=str(reward_model.output_dir),
         reward_funcs=None,  # the reward model alone (the recipe adds the answer check, which reads a column)
+        gold_dataset_name=None,  # the gold check's 200 validation replies, twice, would outweigh the two steps
         dataset_columns=None,
         dataset_name=str(prompts_file(tmp_path / "prompts.jsonl", 32)),
         dataset_test_split="",
