@@ -1,6 +1,7 @@
 """Write a stage's model as one GGUF file for llama.cpp and Ollama, with the `gguf` package's `GGUFWriter`, and read it
-back with transformers' own GGUF loader to measure what the file changed. `hfrecipes.exporting.export` calls these
-for `--format gguf`; this module owns the GGUF side only: what can be mapped, the file, the Modelfile, the check.
+back with transformers' own GGUF loader to measure what the file changed (and run it in llama.cpp itself where
+node-llama-cpp is installed: `hfrecipes.llama_cpp`). `hfrecipes.exporting.export` calls these for `--format gguf`;
+this module owns the GGUF side only: what can be mapped, the file, the Modelfile, the check.
 
     hfrecipes export runs/tiny/sft runs/tiny/gguf --format gguf --quant q8_0
 
@@ -18,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +328,7 @@ def verify_gguf(
     """Read the file back with transformers' GGUF loader (model and tokenizer) and compare it with the model it was
     written from: token ids of every prompt, logits at every prompt position (largest |difference|, also relative to
     the source logits' spread), and greedy replies. Runs on the CPU in fp32, so the figures do not depend on a GPU's
-    kernels."""
+    kernels. Where node-llama-cpp is installed, llama.cpp itself runs the file too (`llama_cpp`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -338,7 +340,7 @@ def verify_gguf(
     drop_gguf_quantizer(back)
     source = model.to("cpu", torch.float32).eval()
     ids, back_ids = prompt_ids(tok, prompts), prompt_ids(back_tok, prompts)
-    worst, spread, same, first, top1, positions = 0.0, 0.0, 0, None, 0, 0
+    worst, spread, same, first, top1, positions, replies = 0.0, 0.0, 0, None, 0, 0, []
     with torch.no_grad():
         for i, x in enumerate(ids):
             t = torch.tensor([x])
@@ -348,7 +350,8 @@ def verify_gguf(
             top1 += (a.argmax(-1) == b.argmax(-1)).sum().item()
             positions += len(x)
             kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tok.pad_token_id}
-            ga = until_eos(source.generate(t, **kw)[0, len(x) :].tolist(), {eot})
+            replies.append(source.generate(t, **kw)[0, len(x) :].tolist())
+            ga = until_eos(replies[-1], {eot})
             gb = until_eos(back.generate(t, **kw)[0, len(x) :].tolist(), {eot})
             same += ga == gb
             if ga != gb and first is None:
@@ -368,4 +371,24 @@ def verify_gguf(
     }
     if first:
         result["first_greedy_mismatch"] = first
+    result["llama_cpp"] = _run_llama_cpp(folder / file, source, tok, prompts, replies, eot, max_new_tokens)
     return result
+
+
+def _run_llama_cpp(file: Path, source, tok, prompts, replies, eot: int, max_new_tokens: int) -> dict[str, Any] | str:
+    """llama.cpp's own run of the file against the source (`hfrecipes.llama_cpp`), or why it did not run."""
+    from hfrecipes import llama_cpp
+
+    if not llama_cpp.available():
+        return "not installed"
+    eos = source.generation_config.eos_token_id
+    stops = {eot, *(eos if isinstance(eos, list) else [] if eos is None else [eos])}
+    try:
+        check = llama_cpp.compare(file, source, tok, prompts, replies, stops, eot, max_new_tokens)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        logger.warning("llama.cpp could not run the GGUF file: %s", e)
+        return {"error": str(e)}
+    eot_read = check["end_of_turn"]["eos"] == check["end_of_turn"]["eot"] == eot
+    if not eot_read or check["tokenizer_ids_match"] != check["tokenizer_texts"]:
+        logger.warning("llama.cpp reads the GGUF's tokenizer differently from the source: %s", check)
+    return check

@@ -40,6 +40,16 @@ from hfrecipes.inference import vllm_available  # noqa: E402  (after the offline
 REQUIRE_VLLM = os.environ.get("HFRECIPES_REQUIRE_VLLM") == "1"
 needs_vllm = pytest.mark.skipif(not vllm_available() and not REQUIRE_VLLM, reason="vLLM is not installed")
 
+from hfrecipes import llama_cpp  # noqa: E402
+
+# Tests that run a GGUF file in llama.cpp (node-llama-cpp) skip where it is not installed, unless the environment
+# promises it: set-up installed it (its stamp beside the packages), or HFRECIPES_REQUIRE_LLAMA_CPP=1.
+LLAMA_CPP_STAMP = Path(sys.prefix) / "node" / ".hfrecipes-installed"
+REQUIRE_LLAMA_CPP = os.environ.get("HFRECIPES_REQUIRE_LLAMA_CPP") == "1" or LLAMA_CPP_STAMP.is_file()
+needs_llama_cpp = pytest.mark.skipif(
+    not llama_cpp.available() and not REQUIRE_LLAMA_CPP, reason="llama.cpp (node-llama-cpp) is not installed"
+)
+
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,17 +1,20 @@
 """Export to GGUF (`hfrecipes export --format gguf`), proven by reading the file back with transformers' own GGUF
 loader: the tiny Llama in f16 and q8_0 (logits within the quant's tolerance, greedy replies, tokenizer ids and chat
-template as the source's), a LoRA stage merged first, and the Qwen2 and Mistral layouts. Bad input to the GGUF export
-is in tests/test_bad_input.py; the real SmolLM2 round trip in tests/test_real_model.py."""
+template as the source's), a LoRA stage merged first, and the Qwen2 and Mistral layouts; and by running it in llama.cpp
+itself (node-llama-cpp), with each family's pre-tokenizer. Bad input to the GGUF export is in tests/test_bad_input.py;
+the real SmolLM2 round trip in tests/test_real_model.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import needs_llama_cpp
 
 import hfrecipes
-from hfrecipes import gguf_export, record
+from hfrecipes import gguf_export, llama_cpp, record
 
 PROMPTS = 8  # held-out prompts of the tiny task the read-back model answers
 
@@ -156,14 +159,9 @@ def _random_model(tok, model_type: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    "model_type, arch, bias, split, pre",
-    [("qwen2", "qwen2", True, "qwen2", "qwen2"), ("mistral", "llama", False, "llama3", "llama-bpe")],
-)
-def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_type, arch, bias, split, pre):
-    """Each with a pre-tokenizer of its family (Qwen2's or Llama 3's split regex before byte-level BPE), which the file
-    names as llama.cpp does and transformers' reader splits the same way again."""
-    import gguf
+def _family_gguf(tiny_pretrained, tmp_path: Path, model_type: str, split: str) -> tuple[Path, Path]:
+    """A random `model_type` model whose tokenizer splits text with its family's regex (Qwen2's or Llama 3's) before
+    byte-level BPE, and its f16 GGUF export: (source folder, export folder)."""
     from tokenizers import Regex, pre_tokenizers
     from transformers import AutoTokenizer
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
@@ -177,6 +175,19 @@ def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_ty
     )
     src = _random_model(tok, model_type, tmp_path / model_type)
     out = hfrecipes.export(src, tmp_path / "gguf", format="gguf", quant="f16", verify_load=False).output_dir
+    return src, out
+
+
+@pytest.mark.parametrize(
+    "model_type, arch, bias, split, pre",
+    [("qwen2", "qwen2", True, "qwen2", "qwen2"), ("mistral", "llama", False, "llama3", "llama-bpe")],
+)
+def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_type, arch, bias, split, pre):
+    """Each with a pre-tokenizer of its family (Qwen2's or Llama 3's split regex before byte-level BPE), which the file
+    names as llama.cpp does and transformers' reader splits the same way again."""
+    import gguf
+
+    src, out = _family_gguf(tiny_pretrained, tmp_path, model_type, split)
     reader = gguf.GGUFReader(str(gguf_file(out)))
     names = {t.name for t in reader.tensors}
     assert reader.fields["general.architecture"].contents() == arch
@@ -186,6 +197,76 @@ def test_qwen2_and_mistral_layouts_read_back(tiny_pretrained, tmp_path, model_ty
     got = compare(src, out, prompts)
     assert got["ids"] == len(prompts), "the read-back tokenizer splits a prompt differently"
     assert got["relative"] <= gguf_export.TOLERANCE["f16"] and got["greedy"] == len(prompts), got
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp itself
+
+
+# The largest |difference| between llama.cpp's top logits and the fp32 source's on the same tokens (the tiny model's
+# logits spread about 2): llama.cpp also rounds the activations to the weights' type before a matrix product
+LLAMA_CPP_LOGITS = {"f16": 0.02, "q8_0": 0.15}
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_runs_the_export_as_transformers_runs_the_source(tiny_pretrained, tmp_path, quant):
+    """The export's own check runs the file in llama.cpp (node-llama-cpp's prebuilt CPU binaries): its tokenizer gives
+    transformers' ids on the prompts and on text with digits, spaces, newlines and apostrophes, it reads <|im_end|> as
+    the end of turn, its Jinja engine renders the chat template as transformers does, and its greedy replies are the
+    fp32 source's: all of them in f16; in q8_0, whose 8-bit activations can turn a near-tie, all but two."""
+    from hfrecipes.exporting import VERIFY_PROMPTS
+
+    out = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / "gguf", format="gguf", quant=quant)
+    lc = out.record["export"]["verify"]["llama_cpp"]
+    assert isinstance(lc, dict) and "error" not in lc, lc
+    assert lc["backend"] == "cpu" and lc["runtime"].startswith("node-llama-cpp ") and lc["llama_cpp"]
+    assert lc["tokenizer_texts"] == len(VERIFY_PROMPTS) + len(llama_cpp.TOKENIZER_TEXTS)
+    assert lc["tokenizer_ids_match"] == lc["tokenizer_texts"], lc
+    assert lc["end_of_turn"] == {"eos": 2, "eot": 2, "expected": 2}, "llama.cpp must stop at <|im_end|>"
+    assert lc["chat_template_renders_same"] == lc["chats"] == 6, lc
+    assert lc["prompts"] == len(VERIFY_PROMPTS) and lc["top_logits_max_abs_diff"] < LLAMA_CPP_LOGITS[quant], lc
+    # where llama.cpp picks another token than the source, the source had the two within that difference: a near-tie
+    # its rounding turned, not a weight it misread
+    assert lc["top1_max_source_margin"] <= LLAMA_CPP_LOGITS[quant], lc
+    if quant == "f16":
+        assert lc["greedy_matches"] == lc["prompts"] and lc["top1_agreement"] == 1.0, lc
+    else:
+        assert lc["greedy_matches"] >= lc["prompts"] - 2 and lc["top1_agreement"] >= 0.97, lc
+    assert "Run in llama.cpp itself" in (out.output_dir / "README.md").read_text()
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model_type, split", [("qwen2", "qwen2"), ("mistral", "llama3")])
+def test_llama_cpp_splits_text_as_each_familys_tokenizer(tiny_pretrained, tmp_path, model_type, split):
+    """llama.cpp's tokenizer, told the pre-tokenizer by the name the file carries (qwen2, llama-bpe), gives
+    transformers' ids: a wrong name splits digits, spaces or apostrophes differently."""
+    from transformers import AutoTokenizer
+
+    src, out = _family_gguf(tiny_pretrained, tmp_path, model_type, split)
+    tok = AutoTokenizer.from_pretrained(src)
+    chats = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in heldout_prompts(4)[:-1]]
+    texts = llama_cpp.TOKENIZER_TEXTS + chats + ["x  =  1234567\n\n\n  y's 'quoted'  \t\n end"]
+    got = llama_cpp.run(gguf_file(out), [], 0, texts)
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert got["tokenized"] == want
+    assert got["tokens"]["eos"] == got["tokens"]["eot"] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_record_and_card_say_when_llama_cpp_did_not_run(tiny_pretrained, tmp_path, monkeypatch):
+    """Without node-llama-cpp the record says "not installed"; with one that cannot load (here a stand-in that fails as
+    a missing prebuilt binary does) the export still completes, and the record and card carry node's error."""
+    broken = tmp_path / "node_modules"
+    package = broken / "node-llama-cpp"
+    package.mkdir(parents=True)
+    (package / "package.json").write_text('{"name": "node-llama-cpp", "version": "0.0.0", "main": "index.mjs"}')
+    (package / "index.mjs").write_text('export async function getLlama() { throw new Error("NoBinaryFoundError"); }\n')
+    for modules, want in ((tmp_path / "none", "not installed"), (broken, "NoBinaryFoundError")):
+        monkeypatch.setenv(llama_cpp.NODE_MODULES_ENV, str(modules))
+        out = hfrecipes.export(tiny_pretrained.output_dir, tmp_path / modules.name / "gguf", format="gguf")
+        got = out.record["export"]["verify"]["llama_cpp"]
+        assert (got == want) if want == "not installed" else (want in got["error"]), got
+        assert want in (out.output_dir / "README.md").read_text()
 
 
 def test_a_template_that_is_not_chatml_leaves_ollama_the_files_own(tiny_pretrained):

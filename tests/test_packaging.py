@@ -35,6 +35,7 @@ def test_wheel_ships_recipes_and_cards(tmp_path):
     for rel in (p.relative_to(ROOT) for p in (ROOT / "recipes").rglob("*.yaml")):
         assert f"hfrecipes/{rel}" in names, rel
     assert "hfrecipes/cards/default.md" in names
+    assert "hfrecipes/llama_cpp_check.mjs" in names  # the GGUF export's llama.cpp check runs it
     assert not any("tests/" in n for n in names)
 
 
