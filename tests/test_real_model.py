@@ -1,7 +1,8 @@
 """The real SmolLM2-135M-Instruct (dequantized from its GGUF) through convert, SFT (full, LoRA, QLoRA) and export
 into vLLM, a few steps each: the held-out loss falls, adapters move while the base stays as converted, general
 answers survive a LoRA run on unrelated data, and vLLM's greedy tokens equal transformers' on the export. The LoRA
-stage exported back to GGUF (q8_0) reads back with the stage's own tokenizer and greedy replies.
+stage exported back to GGUF (q8_0) reads back with the stage's own tokenizer and greedy replies, and runs in llama.cpp
+itself with the stage's replies.
 
     pytest -m realmodel
 """
@@ -12,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import SMOLLM2_GGUF, needs_vllm
+from conftest import SMOLLM2_GGUF, needs_llama_cpp, needs_vllm
 from safetensors.torch import load_file
 
 import hfrecipes
@@ -245,26 +246,64 @@ def test_a_gguf_without_a_chat_template_on_conversations_names_the_file(smollm2,
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_q8_0_of_the_lora_stage_reads_back_with_the_sources_replies(lora_sft, sums, tmp_path):
+@pytest.fixture(scope="module")
+def lora_gguf(lora_sft, tmp_path_factory):
+    """The LoRA stage exported to GGUF q8_0 (adapter merged, not verified here), and the stage merged in fp32 with its
+    tokenizer: (export folder, GGUF file, source model, tokenizer)."""
+    from hfrecipes.modeling import load_merged
+
+    result, _ = lora_sft
+    out = tmp_path_factory.mktemp("lora-gguf") / "gguf"
+    exported = hfrecipes.export(result.output_dir, out, format="gguf", quant="q8_0", verify_load=False)
+    assert exported.record["model"]["merged_adapter"] is True
+    source, tok = load_merged(result.output_dir, "float32")
+    return out, out / exported.record["export"]["gguf"]["file"], source.eval(), tok
+
+
+def questions(sums) -> list[str]:
+    """Two general questions and two held-out sums."""
+    held_out = [json.loads(line)["messages"][0]["content"] for line in (sums / "test.jsonl").read_text().splitlines()]
+    return [q for q, _ in GENERAL] + held_out[:2]
+
+
+def test_gguf_q8_0_of_the_lora_stage_reads_back_with_the_sources_replies(lora_gguf, sums):
     """SmolLM2's GGUF -> LoRA SFT -> GGUF q8_0 (adapter merged) -> read back by transformers' GGUF loader: the
     tokenizer and the greedy replies to general and held-out questions are the LoRA stage's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfrecipes.modeling import load_merged
-
-    result, _ = lora_sft
-    out = hfrecipes.export(result.output_dir, tmp_path / "gguf", format="gguf", quant="q8_0", verify_load=False)
-    file = out.output_dir / out.record["export"]["gguf"]["file"]
-    assert out.record["model"]["merged_adapter"] is True and file.stat().st_size < 0.6 * 2 * 134_515_008
-    source, tok = load_merged(result.output_dir, "float32")
-    back = AutoModelForCausalLM.from_pretrained(out.output_dir, gguf_file=file.name, dtype=torch.float32).eval()
-    back_tok = AutoTokenizer.from_pretrained(out.output_dir, gguf_file=file.name)
-    held_out = [json.loads(line)["messages"][0]["content"] for line in (sums / "test.jsonl").read_text().splitlines()]
-    questions = [q for q, _ in GENERAL] + held_out[:2]
-    for q in questions:
+    out, file, source, tok = lora_gguf
+    assert file.stat().st_size < 0.6 * 2 * 134_515_008
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
+    back_tok = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
+    for q in questions(sums):
         chat = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         assert back_tok(chat)["input_ids"] == tok(chat)["input_ids"], q
-    replies = [(greedy(source, tok, q), greedy(back, back_tok, q)) for q in questions]
+    replies = [(greedy(source, tok, q), greedy(back, back_tok, q)) for q in questions(sums)]
     assert all(a == b for a, b in replies), replies
-    modelfile = (out.output_dir / "Modelfile").read_text()
+    modelfile = (out / "Modelfile").read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_lora_stages_gguf_with_its_replies(lora_gguf, sums):
+    """The same file in llama.cpp itself (node-llama-cpp's prebuilt CPU binaries): it reads <|im_end|> as the end of
+    turn, splits the chat prompts and text with digits, spaces and apostrophes as the stage's tokenizer does, renders
+    SmolLM2's chat template (its default system prompt included) as transformers does, and its greedy replies of 24
+    tokens are the fp32 stage's on at least 3 of the 4 questions; a reply that differs agrees on its first 16 tokens
+    (llama.cpp's Q8_0 activations can turn a near-tie late in a reply)."""
+    from hfrecipes import llama_cpp
+    from hfrecipes.inference import prompt_ids
+
+    _, file, source, tok = lora_gguf
+    prompts = [[{"role": "user", "content": q}] for q in questions(sums)]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    kw = {"max_new_tokens": 24, "do_sample": False, "eos_token_id": eot, "pad_token_id": eot}
+    with torch.no_grad():
+        replies = [source.generate(torch.tensor([x]), **kw)[0, len(x) :].tolist() for x in prompt_ids(tok, prompts)]
+    got = llama_cpp.compare(file, source, tok, prompts, replies, {eot}, eot, 24)
+    assert got["backend"] == "cpu" and got["end_of_turn"] == {"eos": eot, "eot": eot, "expected": eot}, got
+    assert got["tokenizer_ids_match"] == got["tokenizer_texts"] == len(prompts) + len(llama_cpp.TOKENIZER_TEXTS), got
+    assert got["chat_template_renders_same"] == got["chats"] == len(prompts) + 1, got
+    assert got["greedy_matches"] >= 3 and got["top1_agreement"] >= 0.9, got
+    differs = got.get("first_greedy_mismatch")
+    assert differs is None or differs["source"][:16] == differs["llama_cpp"][:16], differs
