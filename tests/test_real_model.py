@@ -288,9 +288,11 @@ def test_gguf_q8_0_of_the_lora_stage_reads_back_with_the_sources_replies(lora_gg
 def test_llama_cpp_runs_the_lora_stages_gguf_with_its_replies(lora_gguf, sums):
     """The same file in llama.cpp itself (node-llama-cpp's prebuilt CPU binaries): it reads <|im_end|> as the end of
     turn, splits the chat prompts and text with digits, spaces and apostrophes as the stage's tokenizer does, renders
-    SmolLM2's chat template (its default system prompt included) as transformers does, and its greedy replies of 24
-    tokens are the fp32 stage's on at least 3 of the 4 questions; a reply that differs agrees on its first 16 tokens
-    (llama.cpp's Q8_0 activations can turn a near-tie late in a reply)."""
+    SmolLM2's chat template (its default system prompt included) as transformers does, and along its greedy replies
+    of 24 tokens the fp32 stage picks llama.cpp's token at 90% of the steps or more. Where it does not, the stage had
+    the two tokens within the logit error of the file itself: llama.cpp's Q8_0 also rounds the activations, and
+    which near-tie that turns depends on the CPU build it loads (AVX2, AVX-512), so how many whole replies stay equal
+    is not a property of the file."""
     from hfrecipes import llama_cpp
     from hfrecipes.inference import prompt_ids
 
@@ -304,6 +306,6 @@ def test_llama_cpp_runs_the_lora_stages_gguf_with_its_replies(lora_gguf, sums):
     assert got["backend"] == "cpu" and got["end_of_turn"] == {"eos": eot, "eot": eot, "expected": eot}, got
     assert got["tokenizer_ids_match"] == got["tokenizer_texts"] == len(prompts) + len(llama_cpp.TOKENIZER_TEXTS), got
     assert got["chat_template_renders_same"] == got["chats"] == len(prompts) + 1, got
-    assert got["greedy_matches"] >= 3 and got["top1_agreement"] >= 0.9, got
-    differs = got.get("first_greedy_mismatch")
-    assert differs is None or differs["source"][:16] == differs["llama_cpp"][:16], differs
+    # q8_0 moves SmolLM2's top logits (spread about 8) by about 1; a misread tensor moves them by far more
+    assert got["top1_agreement"] >= 0.9 and got["top_logits_max_abs_diff"] < 2.0, got
+    assert got["top1_max_source_margin"] <= got["top_logits_max_abs_diff"], got
