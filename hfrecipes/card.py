@@ -593,14 +593,13 @@ def render(
         f"({len(rows)} stage(s) in its lineage), trained with [hfrecipes](https://pypi.org/project/hfrecipes/)."
     )
     gguf = (exported or {}).get("gguf")
+    merged = "adapters merged, " if model.get("merged_adapter") else ""
     if gguf:
-        merged = "adapters merged, " if model.get("merged_adapter") else ""
         summary += (
             f" Exported as one GGUF file for llama.cpp and Ollama ({merged}{gguf['quant']}, {_si(gguf['bytes'], 'B')},"
             f" sha256 {gguf['sha256'][:12]}...)."
         )
     elif exported:
-        merged = "adapters merged, " if model.get("merged_adapter") else ""
         summary += f" Exported for serving ({merged}dtype {exported.get('dtype')})."
     return ModelCard.from_template(
         card_data(rec, stages, total),

@@ -50,13 +50,10 @@ def has_accelerator() -> bool:
 
 
 def inference_device() -> str:
-    """Where a model loaded for generation runs: the accelerator `record.device_info` names, else the CPU."""
-    import torch
+    """Where a model loaded for generation runs: the device kind the stage record names (cuda, mps or cpu)."""
+    from hfrecipes.record import device_info
 
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    return "mps" if mps is not None and mps.is_available() else "cpu"
+    return device_info(1)["kind"]
 
 
 def has_triton_device() -> bool:
