@@ -5,27 +5,25 @@ out = hfrecipes.pretrain("tiny/pretrain", max_steps=50)
 print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
+from hfrecipes import api as _api
 from hfrecipes.api import (
     StageResult,
     convert,
     cost,
-    dpo,
     export,
     generate,
-    grpo,
     lifecycle,
     parse_stage_args,
-    ppo,
-    pretrain,
     push,
     read_record,
     recipes,
-    reward,
     run_stage,
     serve,
-    sft,
 )
 from hfrecipes.errors import UsageError
+from hfrecipes.stages import STAGES
+
+globals().update({stage_id: getattr(_api, stage_id) for stage_id in STAGES})  # hfrecipes.sft(...), one a stage
 
 __version__ = "0.1.0"
 __all__ = [
@@ -33,20 +31,15 @@ __all__ = [
     "UsageError",
     "convert",
     "cost",
-    "dpo",
     "export",
     "generate",
-    "grpo",
     "lifecycle",
     "parse_stage_args",
-    "ppo",
-    "pretrain",
     "push",
     "read_record",
     "recipes",
-    "reward",
     "run_stage",
     "serve",
-    "sft",
+    *STAGES,
     "__version__",
 ]

@@ -1,4 +1,5 @@
-"""The Python API: every CLI command as a function. `hfrecipes.pretrain("tiny/pretrain", max_steps=50)`."""
+"""The Python API: every CLI command as a function. `hfrecipes.pretrain("tiny/pretrain", max_steps=50)`; one function a
+registered stage (`hfrecipes.stages.STAGES`), made here from the registry."""
 
 from __future__ import annotations
 
@@ -6,16 +7,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hfrecipes.runner import StageResult, parse_stage_args, run_stage
+from hfrecipes.stages import STAGES, describe
 
 if TYPE_CHECKING:
     from hfrecipes.serving import Server
 
-__all__ = ["StageResult", "parse_stage_args", "run_stage"]  # re-exported: the runner is part of the API
+__all__ = ["StageResult", "parse_stage_args", "run_stage", *STAGES]  # the runner is part of the API too
 
 
-def pretrain(recipe: str | Path = "tiny/pretrain", **overrides) -> StageResult:
-    """Pretrain from random weights (or continue pretraining) on raw text."""
-    return run_stage("pretrain", recipe, **overrides)
+def _stage_function(stage_id: str):
+    """`hfrecipes.<stage>(recipe="tiny/<stage>", **overrides)`: the stage's CLI command as a function; overrides are
+    recipe keys, as flags on the command line."""
+
+    def run(recipe: str | Path = f"tiny/{stage_id}", **overrides) -> StageResult:
+        return run_stage(stage_id, recipe, **overrides)
+
+    run.__name__ = run.__qualname__ = stage_id
+    run.__doc__ = f"{describe(stage_id)} Runs the `{stage_id}` stage: see `hfrecipes {stage_id} --help` for its keys."
+    return run
+
+
+# One function a registered stage: hfrecipes.sft("tiny/sft", max_steps=5) runs `hfrecipes sft --config tiny/sft
+# --max_steps 5`.
+globals().update({stage_id: _stage_function(stage_id) for stage_id in STAGES})
 
 
 def cost(params: float, tokens: float, device: str = "h100", **options) -> dict[str, Any]:
@@ -42,26 +56,6 @@ def read_record(folder: str | Path) -> dict[str, Any] | None:
     return read(folder)
 
 
-def sft(recipe: str | Path = "tiny/sft", **overrides) -> StageResult:
-    """Supervised fine-tuning on conversations or prompt/completion pairs (full, LoRA or QLoRA)."""
-    return run_stage("sft", recipe, **overrides)
-
-
-def reward(recipe: str | Path = "tiny/reward", **overrides) -> StageResult:
-    """Train a reward model (a one-output classification head) on chosen/rejected pairs."""
-    return run_stage("reward", recipe, **overrides)
-
-
-def dpo(recipe: str | Path = "tiny/dpo", **overrides) -> StageResult:
-    """Direct preference optimisation against the parent checkpoint (any loss type TRL offers)."""
-    return run_stage("dpo", recipe, **overrides)
-
-
-def grpo(recipe: str | Path = "tiny/grpo", **overrides) -> StageResult:
-    """GRPO-style RL with verifiable rewards; held-out pass@1 before and after (full, LoRA or QLoRA)."""
-    return run_stage("grpo", recipe, **overrides)
-
-
 def lifecycle(
     recipe: str | Path = "tiny/lifecycle",
     run_dir: str | Path | None = None,
@@ -77,11 +71,6 @@ def lifecycle(
     from hfrecipes.lifecycles.runner import run
 
     return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides, seeds=seeds)
-
-
-def ppo(recipe: str | Path = "tiny/ppo", **overrides) -> StageResult:
-    """PPO against a reward model and/or reward functions, with a KL penalty to the parent (full, LoRA or QLoRA)."""
-    return run_stage("ppo", recipe, **overrides)
 
 
 def recipes() -> list[str]:

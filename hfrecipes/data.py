@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,6 @@ from hfrecipes.errors import UsageError
 TINY_PREFIX = "tiny:"
 TINY_DATASETS = ("corpus", "sft", "preference", "prompts", "facts")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-# The columns each stage reads: any one of the sets. Checked on the raw data, before any model is loaded.
-STAGE_COLUMNS: dict[str, list[list[str]]] = {
-    "pretrain": [["text"]],
-    "sft": [["messages"], ["prompt", "completion"]],
-    "reward": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
-    "dpo": [["prompt", "chosen", "rejected"], ["chosen", "rejected"]],
-    "ppo": [["prompt"]],
-}
 # What a value in each well-known column must be, checked on the first rows before any model loads.
 COLUMN_TYPES: dict[str, tuple[type, ...]] = {
     "text": (str,),
@@ -396,8 +389,9 @@ def _apply_mapping(ds, mapping: dict[str, str], name: str):
     return ds.rename_columns(renames)
 
 
-def load_stage_data(args: ScriptArguments, stage: str, needs: list[list[str]]):
-    """Training and (if present) test split, checked for the columns a stage needs: any one of `needs`."""
+def load_stage_data(args: ScriptArguments, stage: str, needs: Sequence[Sequence[str]]):
+    """Training and (if present) test split, checked for the columns a stage needs: any one of `needs` (the stage's
+    `FACTS.columns`)."""
     train = load_split(args, args.dataset_train_split)
     if train is None:
         raise UsageError(
@@ -416,7 +410,7 @@ def load_stage_data(args: ScriptArguments, stage: str, needs: list[list[str]]):
     return train, test
 
 
-def check_columns(ds, needs: list[list[str]], stage: str, name: str) -> None:
+def check_columns(ds, needs: Sequence[Sequence[str]], stage: str, name: str) -> None:
     """`ds` has one of the column sets in `needs`; else one error naming what is missing and what was found."""
     if len(ds) == 0:
         raise UsageError(f"dataset '{name}' is empty; the {stage} stage needs at least one example.")

@@ -24,7 +24,8 @@ from typing import Any
 from hfrecipes import record as records
 from hfrecipes.errors import UsageError
 from hfrecipes.lifecycles import summary as summaries
-from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SCORED_STAGES, SEEDS_DIR, Lifecycle, StageSpec, load
+from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SEEDS_DIR, Lifecycle, StageSpec, load
+from hfrecipes.stages import facts
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class LifecycleRun:
 
     def evaluate(self, spec: StageSpec, rec: dict[str, Any]) -> dict[str, Any]:
         """Held-out task accuracy of a causal-LM stage's folder (adapters merged in memory), cached by run id."""
-        if spec.stage not in SCORED_STAGES or not self.life.evaluation.dataset_name:
+        if not facts(spec.stage).scored or not self.life.evaluation.dataset_name:
             return {}
         return self._score(spec.id, self.life.root / spec.id, rec["run_id"])
 
@@ -99,7 +100,7 @@ class LifecycleRun:
         first = self.life.stages[0]
         rec = records.read_record(self.life.root / first.id) or {}
         source = Path((rec.get("model") or {}).get("source") or "")
-        if first.stage not in SCORED_STAGES or first.stage == "pretrain" or not self.life.evaluation.dataset_name:
+        if not facts(first.stage).scored or first.stage == "pretrain" or not self.life.evaluation.dataset_name:
             return None
         if not (source / "config.json").is_file():
             return None

@@ -16,10 +16,8 @@ from typing import Any
 
 from hfrecipes.errors import UsageError
 from hfrecipes.recipe import check_values, load_yaml, resolve_recipe
-from hfrecipes.stages import STAGES
+from hfrecipes.stages import STAGES, facts
 
-# Causal LMs: the lifecycle's held-out task accuracy applies to them, and only they can be exported and served.
-SCORED_STAGES = ("pretrain", "sft", "dpo", "grpo", "ppo")
 EXPORT = "export"  # the export folder in the run folder, and the name `--force export` reruns it by
 EVERY_STAGE = "*"  # the overrides key that sets a recipe key on every stage
 STAGE_REF = re.compile(r"\{[\w.-]+\}")  # a `--set` value that is a `{id}` placeholder
@@ -284,7 +282,7 @@ def load(
         _one_of(export.dtype, DTYPES, f"{src}: export: dtype")
         if not export.candidates:
             raise UsageError(f"{src}: export: 'candidates' is empty; list the stage ids to choose the export from.")
-        exportable = [s.id for s in stages if s.stage in SCORED_STAGES]
+        exportable = [s.id for s in stages if facts(s.stage).scored]
         bad = [c for c in export.candidates if c not in exportable]
         if bad:
             raise UsageError(

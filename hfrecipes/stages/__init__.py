@@ -1,18 +1,54 @@
-"""The stage registry: one literal dict, stage id -> module. Modules import lazily so the CLI starts instantly."""
+"""The stage registry: one literal dict, stage id -> (module, one-line description). Everything else about a stage
+(the data columns it reads, the head of the model it writes, whether the lifecycle scores it) the stage's module
+declares as `FACTS`; the CLI, the Python API, the lifecycle and the data checks read it from there.
+
+Adding a stage: its module (Config, Trainer, `run()`, `DATACLASSES`, `FACTS`), one line here, its recipes under
+`recipes/`, tests and docs. Modules import lazily so the CLI starts instantly.
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 
-STAGES: dict[str, str] = {
-    "pretrain": "hfrecipes.stages.pretrain",
-    "sft": "hfrecipes.stages.sft",
-    "reward": "hfrecipes.stages.reward",
-    "dpo": "hfrecipes.stages.dpo",
-    "grpo": "hfrecipes.stages.grpo",
-    "ppo": "hfrecipes.stages.ppo",
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("hfrecipes.stages.pretrain", "Pretrain from random weights (or continue pretraining) on raw text."),
+    "sft": (
+        "hfrecipes.stages.sft",
+        "Supervised fine-tuning on conversations or prompt/completion pairs (full, LoRA or QLoRA).",
+    ),
+    "reward": (
+        "hfrecipes.stages.reward",
+        "Train a reward model (a one-output classification head) on chosen/rejected pairs.",
+    ),
+    "dpo": (
+        "hfrecipes.stages.dpo",
+        "Direct preference optimisation against the parent checkpoint (any loss type TRL offers).",
+    ),
+    "grpo": (
+        "hfrecipes.stages.grpo",
+        "GRPO-style RL with verifiable rewards; held-out pass@1 before and after (full, LoRA or QLoRA).",
+    ),
+    "ppo": (
+        "hfrecipes.stages.ppo",
+        "PPO against a reward model and/or reward functions, with a KL penalty to the parent (full, LoRA or QLoRA).",
+    ),
 }
+
+
+@dataclass(frozen=True)
+class StageFacts:
+    """What a stage needs and makes, declared once in its module as `FACTS`.
+
+    `columns`: the dataset columns it reads, any one of the sets (checked on the raw data before a model loads).
+    `head`: the head of the model it writes, a key of `modeling.HEADS` (which also gives the Hub's auto class and
+    pipeline tag). `scored`: the lifecycle scores its held-out task accuracy and may export and serve it.
+    """
+
+    columns: tuple[tuple[str, ...], ...]
+    head: str = "causal_lm"
+    scored: bool = True
 
 
 def get_stage(stage_id: str) -> ModuleType:
@@ -20,4 +56,19 @@ def get_stage(stage_id: str) -> ModuleType:
 
     if stage_id not in STAGES:
         raise UsageError(f"unknown stage '{stage_id}'; the stages are: {', '.join(STAGES)}.")
-    return importlib.import_module(STAGES[stage_id])
+    return importlib.import_module(STAGES[stage_id][0])
+
+
+def describe(stage_id: str) -> str:
+    """The stage's one-line description (CLI help, Python API docstring), without importing its module."""
+    return STAGES[stage_id][1]
+
+
+def facts(stage_id: str) -> StageFacts:
+    """The facts the stage's module declares (imports the module)."""
+    return get_stage(stage_id).FACTS
+
+
+def scored_stages() -> tuple[str, ...]:
+    """The stages whose output the lifecycle scores on its held-out task (causal LMs it can export and serve)."""
+    return tuple(s for s in STAGES if facts(s).scored)

@@ -21,11 +21,11 @@ from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
 
 STAGE = "dpo"
-COLUMNS = data.STAGE_COLUMNS[STAGE]
+FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")))
 # TRL validates loss types only inside the first training step; its config's help text lists them all, so the
 # recipe is checked against that list before anything loads and follows TRL when it adds one.
 LOSS_TYPES = tuple(re.findall(r"`'(\w+)'`", trl.DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
@@ -73,7 +73,7 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
     run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: load and check before any model exists.
-    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, FACTS.columns)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
 
     # Tokenizer: the checkpoint's.

@@ -20,7 +20,7 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import (
     FineTuneDefaults,
     LogitsHeadOption,
@@ -30,6 +30,8 @@ from hfrecipes.stages.common import (
 )
 
 STAGE = "grpo"
+# `answer` is needed too when the accuracy reward scores the replies (see `run`).
+FACTS = StageFacts(columns=(("prompt",),))
 
 
 @dataclass
@@ -139,7 +141,7 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
 
     # Rewards and data: resolved and checked before any model exists.
     funcs = reward_functions(training_args)
-    needs = [["prompt", "answer"]] if "accuracy" in training_args.reward_funcs else [["prompt"]]
+    needs = [(*c, "answer") for c in FACTS.columns] if "accuracy" in training_args.reward_funcs else FACTS.columns
     train_raw, test_raw = data.load_stage_data(script_args, STAGE, needs)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
     gold_set = gold.load(script_args, training_args, STAGE)

@@ -26,11 +26,12 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
+from hfrecipes.stages import StageFacts
 from hfrecipes.stages.common import FineTuneDefaults
 from hfrecipes.stages.ppo_trainer import PPOTrainer, load_policy, load_value_model
 
 STAGE = "ppo"
-COLUMNS = data.STAGE_COLUMNS[STAGE]
+FACTS = StageFacts(columns=(("prompt",),))
 
 
 @dataclass
@@ -161,7 +162,7 @@ def run(script_args: ScriptArguments, training_args: PPOConfig, model_args: Mode
     run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: prompts (and any columns the reward functions read); checked before any model exists.
-    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, FACTS.columns)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
     gold_set = gold.load(script_args, training_args, STAGE)
 

@@ -19,11 +19,11 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import DeviceDefaults, whole_weights
 
 STAGE = "pretrain"
-COLUMNS = [["text"]]
+FACTS = StageFacts(columns=(("text",),))
 
 
 @dataclass
@@ -124,7 +124,7 @@ def run(script_args: ScriptArguments, training_args: PretrainConfig, model_args:
     # Data: load and check before any model exists.
     if script_args.dataset_columns is None and training_args.dataset_text_field != "text":
         script_args.dataset_columns = {"text": training_args.dataset_text_field}
-    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, FACTS.columns)
     train_raw, test_raw, dropped = data.apply_max_date(script_args, train_raw, test_raw)  # the data stops there
     stage_cutoff = data.knowledge_cutoff(
         [train_raw],

@@ -19,11 +19,12 @@ from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults
 
 STAGE = "reward"
-COLUMNS = data.STAGE_COLUMNS[STAGE]
+# A reward model is no causal LM: the lifecycle neither scores nor exports it.
+FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")), head="reward", scored=False)
 
 
 @dataclass
@@ -47,7 +48,7 @@ def run(script_args: ScriptArguments, training_args: RewardConfig, model_args: M
     run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: load and check before any model exists.
-    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, FACTS.columns)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
 
     # Tokenizer: the checkpoint's; the score is read at the last token that is not padding.
@@ -56,7 +57,7 @@ def run(script_args: ScriptArguments, training_args: RewardConfig, model_args: M
     # Model: the checkpoint's body under a new one-output head (seeded); LoRA trains adapters and the head.
     run.start(training_args.process_index == 0)
     set_seed(training_args.seed)
-    model = modeling.load_pretrained(model_args, head="reward", num_labels=1)
+    model = modeling.load_pretrained(model_args, head=FACTS.head, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     # Trainer.

@@ -17,11 +17,11 @@ from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.stagerun import StageRun
-from hfrecipes.stages import trainer_internals
+from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads, whole_weights
 
 STAGE = "sft"
-COLUMNS = data.STAGE_COLUMNS[STAGE]
+FACTS = StageFacts(columns=(("messages",), ("prompt", "completion")))
 
 
 @dataclass
@@ -134,7 +134,7 @@ def run(script_args: ScriptArguments, training_args: SFTConfig, model_args: Mode
     run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
 
     # Data: load and check before any model exists.
-    train_raw, test_raw = data.load_stage_data(script_args, STAGE, COLUMNS)
+    train_raw, test_raw = data.load_stage_data(script_args, STAGE, FACTS.columns)
     stage_cutoff = data.knowledge_cutoff([train_raw], script_args.dataset_date_column, script_args.knowledge_cutoff)
     conversational = resolve_loss(training_args, train_raw)
     gold_set = gold.load(script_args, training_args, STAGE)
