@@ -6,26 +6,32 @@ while the proxy rises), and can keep the best gold check's weights.
     hfrecipes grpo --config tiny/grpo --gold_dataset_name tiny:prompts --gold_keep_best true
     pytest tests/test_gold.py
 
-The decisions are `GoldMonitor`'s, pure and fed (step, gold, proxy); `GoldCheck` evaluates and keeps weights;
-`GoldCallback` drives it from a TRL trainer, PPO's own loop calls it directly.
+The decisions are `GoldMonitor`'s, pure and fed (step, gold, proxy); `GoldCheck` evaluates and says which check's
+weights to keep; `BestCheckpoint` keeps them as Trainer's `load_best_model_at_end` does, under every engine;
+`GoldCallback` drives both from a TRL trainer, PPO's own loop calls them directly.
 
-Deliberate simplifications: the best weights are an in-memory CPU copy of the trainable parameters (so not under
-ZeRO-3/FSDP, where no process holds them whole); a resumed run starts a fresh history at its resume step; the proxy
-of the step-0 check is the first proxy logged after it (the reward of replies the untrained policy sampled).
+Deliberate simplifications: a resumed run starts a fresh history at its resume step (the best check before the kill
+is forgotten); the proxy of the step-0 check is the first proxy logged after it (the reward of replies the untrained
+policy sampled).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hfrecipes import data, engines, evaluation
+from hfrecipes import data, engines, evaluation, record
 from hfrecipes.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -198,18 +204,12 @@ class GoldSet(NamedTuple):
 
 
 def load(script_args, args: GoldOptions, stage: str) -> GoldSet | None:
-    """The gold prompts, checked before any model loads: split, columns, metric, and gold_keep_best's engine."""
+    """The gold prompts, checked before any model loads: split, columns and metric."""
     if not args.gold_dataset_name:
         used = [k for k in ("gold_patience", "gold_keep_best", "gold_stop_on_hacking") if getattr(args, k)]
         if used:
             raise UsageError(f"{', '.join(used)} set without gold_dataset_name: name the gold check's dataset.")
         return None
-    engine = engines.requested()
-    if args.gold_keep_best and engine in engines.SHARDED:
-        raise UsageError(
-            f"gold_keep_best: true under {engine}: the best weights are kept as a whole copy, which no process of a "
-            "sharded engine holds. Set gold_keep_best: false, or launch with ddp or zero2."
-        )
     name, split = args.gold_dataset_name, args.gold_split
     gold_args = copy.copy(script_args)
     # the training data's column mapping is not the gold set's; a single local file is the gold split itself
@@ -244,7 +244,7 @@ def load(script_args, args: GoldOptions, stage: str) -> GoldSet | None:
 
 
 class GoldCheck:
-    """Evaluates the gold set, feeds the monitor, keeps the best weights and writes the record's `gold` block.
+    """Evaluates the gold set, feeds the monitor, says when to keep weights and writes the record's `gold` block.
 
     `evaluates`: this process generates (the main one; every one under a sharded engine, whose forwards need all).
     Decisions are the main process's, broadcast so that every process stops, and keeps weights, at the same step."""
@@ -262,8 +262,7 @@ class GoldCheck:
         )
         self.last_step: int | None = None
         self.stopped: str | None = None
-        self.best_weights: dict[str, Any] | None = None
-        self.kept_step: int | None = None
+        self.kept_step: int | None = None  # the step whose weights the stage saves
 
     def due(self, step: int) -> bool:
         return step % self.args.gold_every == 0 and step != self.last_step
@@ -283,14 +282,15 @@ class GoldCheck:
         self,
         step: int,
         whole_model: Callable[[], contextlib.AbstractContextManager],
-        trainable,
+        keep: Callable[[int, float | None], None],
         proxies: list[float],
         final: bool = False,
     ) -> str | None:
         """One gold check at `step`: `whole_model()` gives the model to generate with (every process enters it
-        under a sharded engine), `trainable` the module whose trainable parameters are kept at a new best,
-        `proxies` the proxy rewards logged since the previous check. Returns why to stop, or None (always at the
-        `final` check: training has ended, nothing to stop)."""
+        under a sharded engine), `keep(step, gold)` keeps this step's weights at a new best (gold_keep_best; every
+        process calls it; `gold` is None but on the main process), `proxies` the proxy rewards logged since the
+        previous check. Returns why to stop, or None (always at the `final` check: training has ended, nothing to
+        stop, and the weights in training are this check's)."""
         self.last_step = step
         result = {}
         if self.evaluates:
@@ -320,28 +320,25 @@ class GoldCheck:
                 )  # fmt: skip
         decision = _broadcast(decision)
         if decision.new_best and self.args.gold_keep_best:
-            self.best_weights = {
-                k: p.detach().to("cpu", copy=True) for k, p in trainable.named_parameters() if p.requires_grad
-            }
+            if not final:
+                keep(step, self.monitor.best["gold"] if self.main else None)
             self.kept_step = step
         if final:
             return None
         self.stopped = decision.stop
         return decision.stop
 
-    def finish(self, step: int, whole_model, trainable, proxies: list[float]) -> None:
-        """At the end of training: a last check unless `step` was one, then the best weights back (gold_keep_best)."""
+    def finish(self, step: int, whole_model, best: BestCheckpoint, proxies: list[float]) -> None:
+        """At the end of training: a last check unless `step` was one, then the best check's weights back and the
+        checkpoints kept only for the check removed (gold_keep_best)."""
         if step != self.last_step:
-            self.check(step, whole_model, trainable, proxies, final=True)
-        if self.best_weights is not None:
-            import torch
-
-            with torch.no_grad():
-                for k, p in trainable.named_parameters():
-                    if k in self.best_weights:
-                        p.copy_(self.best_weights[k].to(p.device, p.dtype))
-        else:
+            self.check(step, whole_model, best.keep, proxies, final=True)
+        if not self.args.gold_keep_best:
             self.kept_step = step
+            return
+        if self.kept_step != step:
+            best.restore(self.kept_step)
+        best.close()
 
     def record(self) -> dict[str, Any]:
         """The record's `metrics.gold` block."""
@@ -370,15 +367,70 @@ def score(result: dict[str, Any], metric: str) -> float:
     return numbers[0]
 
 
-def _broadcast(decision: Decision | None) -> Decision:
-    """The main process's decision on every process (each one else trains, stops or keeps weights on its own)."""
+def _broadcast(value):
+    """The main process's `value` (a decision) on every process (each one else trains, stops or saves on its own)."""
     from accelerate import PartialState
 
     if PartialState().num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        decision = broadcast_object_list([decision], from_process=0)[0]
-    return decision
+        value = broadcast_object_list([value], from_process=0)[0]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ the best weights
+
+
+class BestCheckpoint:
+    """gold_keep_best as Trainer's `load_best_model_at_end` keeps its best model, so under every engine: the best
+    check's weights are Trainer's own checkpoint `checkpoint-<step>` (each process writes its part under ZeRO and
+    FSDP), marked `state.best_model_checkpoint` so that `save_total_limit` rotation keeps it while it is best, and
+    loaded back at the end by Trainer's `_load_best_model` (DeepSpeed's engine checkpoint, accelerate's FSDP loader,
+    else the safetensors or the adapter). A checkpoint written for the gold check alone is removed once a better one
+    replaces it and at the end; one the save schedule (or the resumed run) wrote stays."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.own: str | None = None  # the checkpoint written for the gold check alone
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.trainer.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+    def keep(self, step: int, gold: float | None, control=None) -> None:
+        """Keep the weights of `step`, the state's global step. `control`: Trainer's, inside its step (its loop
+        saves right after `on_step_end` where asked to); otherwise the checkpoint is saved here. Every process."""
+        trainer, path = self.trainer, self.path(step)
+        state = trainer.state
+        state.best_global_step, state.best_model_checkpoint = step, path
+        if gold is not None:
+            state.best_metric = gold
+        previous, self.own = self.own, None
+        if not _broadcast(trainer.args.should_save and record.checkpoint_is_complete(Path(path))):
+            if control is None:
+                trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+                self.own = path
+            else:
+                self.own = None if control.should_save else path
+                control.should_save = True
+        self._remove(previous)
+
+    def restore(self, step: int) -> None:
+        """The weights of the kept `step` back into the model in training, on every process."""
+        self.trainer.state.best_model_checkpoint = self.path(step)
+        logger.info("gold check: loading the weights of step %d, the best check", step)
+        self.trainer._load_best_model()
+
+    def close(self) -> None:
+        """Remove the checkpoint kept for the gold check alone, once every process has loaded it."""
+        self._remove(self.own)
+        if self.own is not None and self.trainer.state.best_model_checkpoint == self.own:
+            self.trainer.state.best_model_checkpoint = None
+        self.own = None
+
+    def _remove(self, path: str | None) -> None:
+        self.trainer.accelerator.wait_for_everyone()
+        if path is not None and self.trainer.args.should_save:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- TRL trainers
@@ -411,11 +463,13 @@ def new_check(gold: GoldSet | None, args, tokenizer) -> GoldCheck | None:
 
 class GoldCallback(TrainerCallback):
     """The gold check in Trainer's loop: at train begin, at every `gold_every`-th step end (stopping through
-    `control.should_training_stop`), and at train end, where the best weights come back before the stage saves.
-    Trainer logs a step after `on_step_end`, so a check's proxy is what was logged up to the step before it."""
+    `control.should_training_stop`, keeping a new best through `control.should_save`), and at train end, where the
+    best weights come back before the stage saves. Trainer logs a step after `on_step_end`, so a check's proxy is
+    what was logged up to the step before it."""
 
     def __init__(self, check: GoldCheck, trainer, proxy_key: str | None, whole_model):
         self.check, self.trainer, self.proxy_key, self.whole_model = check, trainer, proxy_key, whole_model
+        self.best = BestCheckpoint(trainer)
         self.seen = 0  # log_history entries already read for the proxy
 
     def proxies(self, state) -> list[float]:
@@ -423,20 +477,18 @@ class GoldCallback(TrainerCallback):
         key = self.proxy_key
         return [x[key] for x in logs if key and isinstance(x.get(key), (int, float))]
 
-    def trainable(self):
-        return self.trainer.accelerator.unwrap_model(self.trainer.model)
-
     def on_train_begin(self, args, state, control, **kwargs):
         self.seen = len(state.log_history)
-        self.check.check(state.global_step, self.whole_model, self.trainable(), [])
+        self.check.check(state.global_step, self.whole_model, self.best.keep, [])
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.check.due(state.global_step):
-            if self.check.check(state.global_step, self.whole_model, self.trainable(), self.proxies(state)):
+            keep = functools.partial(self.best.keep, control=control)
+            if self.check.check(state.global_step, self.whole_model, keep, self.proxies(state)):
                 control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.check.finish(state.global_step, self.whole_model, self.trainable(), self.proxies(state))
+        self.check.finish(state.global_step, self.whole_model, self.best, self.proxies(state))
 
 
 # ----------------------------------------------------------------------------------------------------- record

@@ -121,30 +121,59 @@ class ScriptedCheck(gold.GoldCheck):
         return {"accuracy": next(self.golds)}
 
 
+class MemoryKeeper:
+    """Keeps a layer's weights in memory where `gold.BestCheckpoint` keeps a checkpoint, and says what it was asked."""
+
+    def __init__(self, layer):
+        self.layer, self.kept, self.restored, self.closed = layer, {}, None, False
+
+    def keep(self, step, gold):
+        self.kept[step] = self.layer.weight.detach().clone()
+
+    def restore(self, step):
+        with torch.no_grad():
+            self.layer.weight.copy_(self.kept[step])
+        self.restored = step
+
+    def close(self):
+        self.closed = True
+
+
 @pytest.mark.parametrize(
-    "golds,keep_best,kept",
-    [([0.1, 0.5, 0.3], True, 2), ([0.5, 0.5, 0.3], True, 2), ([0.5, 0.1, 0.3], True, 0), ([0.1, 0.5, 0.3], False, 4)],
+    "golds,keep_best,kept,saved",
+    [
+        ([0.1, 0.5, 0.3, 0.2], True, 2, [0, 2]),
+        ([0.5, 0.5, 0.3, 0.2], True, 2, [0, 2]),
+        ([0.5, 0.1, 0.3, 0.2], True, 0, [0]),
+        ([0.1, 0.5, 0.3, 0.6], True, 5, [0, 2]),  # the final check is the best: the weights in training are kept
+        ([0.1, 0.5, 0.3, 0.2], False, 5, []),
+    ],
 )
-def test_keep_best_restores_the_best_checks_weights(golds, keep_best, kept):
+def test_keep_best_restores_the_best_checks_weights(golds, keep_best, kept, saved):
+    """Checks at steps 0, 2 and 4 and a final one at 5: the weights of the best are kept (a checkpoint of each new
+    best but the final check's) and come back at the end unless they are the weights in training."""
     import contextlib
 
     layer = torch.nn.Linear(2, 2)
-    layer.bias.requires_grad_(False)  # only trainable parameters are kept
     check = ScriptedCheck(golds, gold_every=2, gold_keep_best=keep_best)
     model = lambda: contextlib.nullcontext(layer)  # noqa: E731
+    keeper = MemoryKeeper(layer)
     weights = {}
-    for step in range(5):
+    for step in range(6):
         if check.due(step):
-            check.check(step, model, layer, [-float(step)])  # a falling proxy: no hacking
+            check.check(step, model, keeper.keep, [-float(step)])  # a falling proxy: no hacking
         weights[step] = layer.weight.detach().clone()
         with torch.no_grad():
             layer.weight.add_(1.0)
-    check.finish(4, model, layer, [])  # step 4 was a check: no final one
-    assert check.kept_step == kept
-    assert torch.equal(layer.weight, weights[kept] if keep_best else weights[4] + 1.0)
+    with torch.no_grad():
+        layer.weight.sub_(1.0)  # training ended at step 5
+    check.finish(5, model, keeper, [])
+    assert check.kept_step == kept and sorted(keeper.kept) == saved
+    assert torch.equal(layer.weight, weights[kept])
+    assert keeper.restored == (kept if keep_best and kept != 5 else None) and keeper.closed == keep_best
     rec = check.record()
-    best = 2 * max(i for i, g in enumerate(golds) if g == max(golds))
-    assert [h["step"] for h in rec["history"]] == [0, 2, 4] and rec["best"] == {"step": best, "gold": max(golds)}
+    best = [0, 2, 4, 5][max(i for i, g in enumerate(golds) if g == max(golds))]
+    assert [h["step"] for h in rec["history"]] == [0, 2, 4, 5] and rec["best"] == {"step": best, "gold": max(golds)}
     assert rec["kept_step"] == kept and rec["stopped"] is None and rec["hacking"] is None
 
 
@@ -161,8 +190,6 @@ BAD_INPUT = [
     ({"gold_dataset_name": "./no/such/gold.jsonl"}, ["gold_dataset_name", "does not exist"]),
     ({"gold_metric": "./no/such/metric"}, ["gold_metric"]),
     ({"gold_dataset_name": None, "gold_patience": 2}, ["gold_patience", "gold_dataset_name"]),
-    ({"gold_keep_best": True, "_engine": "zero3"}, ["gold_keep_best", "zero3"]),
-    ({"gold_keep_best": True, "_engine": "fsdp2"}, ["gold_keep_best", "fsdp2"]),
 ]
 STAGE_ARGS = {
     "sft": {},
@@ -174,15 +201,6 @@ STAGE_ARGS = {
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 @pytest.mark.parametrize("overrides,words", BAD_INPUT)
 def test_bad_gold_input_fails_before_any_model_loads(stage, overrides, words, tmp_path, monkeypatch):
-    from hfrecipes import engines
-
-    overrides = dict(overrides)
-    engine = overrides.pop("_engine", None)
-    if engine and stage == "ppo" and engine.startswith("fsdp"):
-        pytest.skip("ppo refuses FSDP itself")
-    if engine:
-        monkeypatch.setattr(engines, "requested", lambda: engine)
-
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
@@ -300,9 +318,16 @@ def knows_gold(tiny_sft, tmp_path_factory):
     )
 
 
-def test_grpo_gaming_a_reward_for_the_dropped_carry_is_flagged_and_stopped(knows_gold, tmp_path, captured_trainers):
-    from safetensors.torch import load_file
+def rescored_gold(folder, **options) -> float:
+    """The gold check of the weights a stage saved in `folder`, scored again as the stage scored its checks."""
+    from transformers import AutoModelForCausalLM
 
+    (script_args, args, _), _ = hfrecipes.parse_stage_args("sft", "tiny/sft", output_dir=str(folder), **options)
+    check = gold.GoldCheck(gold.load(script_args, args, "sft"), args, modeling.load_tokenizer(str(folder)), True, True)
+    return gold.score(check.evaluate(AutoModelForCausalLM.from_pretrained(folder)), args.gold_metric)
+
+
+def test_grpo_gaming_a_reward_for_the_dropped_carry_is_flagged_and_stopped(knows_gold, tmp_path):
     out = hfrecipes.grpo(
         "tiny/grpo",
         model_name_or_path=str(knows_gold.output_dir),
@@ -329,11 +354,9 @@ def test_grpo_gaming_a_reward_for_the_dropped_carry_is_flagged_and_stopped(knows
     assert flag is not None and g["stopped"] == "reward_hacking" and m["steps"] == flag["step"] < 60, g
     assert flag["best_gold"] - flag["gold"] >= 0.1 and flag["proxy"] > flag["proxy_at_best"]
     assert flag["best_gold"] == g["best"]["gold"] and g["kept_step"] == g["best"]["step"] < flag["step"]
-    # the folder holds the best check's weights, not the last step's
-    check = next(c.check for c in captured_trainers[-1].callback_handler.callbacks if isinstance(c, gold.GoldCallback))
-    saved = load_file(out.output_dir / "model.safetensors")
-    assert check.best_weights and all(torch.equal(saved[k], v) for k, v in check.best_weights.items() if k in saved)
-    assert set(check.best_weights) - set(saved) <= {"lm_head.weight"}  # tied to the embeddings, saved once
+    # the folder holds the best check's weights, not the last step's; the checkpoint kept for them is gone
+    assert rescored_gold(out.output_dir, **GOLD) == g["best"]["gold"] > g["history"][-1]["gold"]
+    assert not list(out.output_dir.glob("checkpoint-*"))
     card = (out.output_dir / "README.md").read_text()
     assert f"Reward hacking flagged at step {flag['step']}" in card and (out.output_dir / "gold.png").is_file()
     assert f"The saved weights are those of step {g['kept_step']} (the best gold check)" in card

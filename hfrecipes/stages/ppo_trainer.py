@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 import torch
 import transformers
 
-from hfrecipes import card, engines, modeling, record
+from hfrecipes import engines, modeling, record
 from hfrecipes.errors import UsageError
+from hfrecipes.gold import BestCheckpoint
 from hfrecipes.modeling import ModelConfig
+from hfrecipes.report import card
 from hfrecipes.stages import common, trainer_internals
 from hfrecipes.stages.common import frozen_for_engine
 
@@ -350,6 +352,7 @@ class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers
         self.reward_weights = list(args.reward_weights or [1.0] * len(names))
         self.kl_coef = args.kl_coef
         self.gold = gold  # a `hfrecipes.gold.GoldCheck`, or None
+        self.gold_best = BestCheckpoint(self)  # where gold_keep_best keeps the best check's weights
         self.gold_proxies: list[float] = []  # rollout scores since the last gold check
         self.eos_id = processing_class.eos_token_id
         self.pad_id = processing_class.pad_token_id if processing_class.pad_token_id is not None else self.eos_id
@@ -431,6 +434,15 @@ class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers
                     save_file({k: v.contiguous() for k, v in head.items()}, output_dir / VALUE_HEAD)
                 (output_dir / PPO_STATE).write_text(json.dumps({"kl_coef": self.kl_coef}) + "\n")
         self.accelerator.wait_for_everyone()
+
+    def _load_best_model(self) -> None:
+        """The checkpoint `state.best_model_checkpoint` back into the model in training (gold_keep_best), as Trainer's
+        own does but for the policy and value model this trainer saves: under DeepSpeed Trainer's own (the engine's
+        checkpoint holds both), otherwise this stage's checkpoint files."""
+        if self.is_deepspeed_enabled:
+            super()._load_best_model()
+        else:
+            self.load_checkpoint(self.state.best_model_checkpoint)
 
     def load_checkpoint(self, checkpoint: str) -> None:
         """Policy, value model and KL coefficient from a checkpoint of this stage (before `prepare`). Under DeepSpeed
@@ -577,7 +589,7 @@ class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers
         losses = []
         start = time.perf_counter()
         if self.gold is not None:
-            self.gold.check(start_step, self.gathered_policy, self.unwrapped.policy, [])
+            self.gold.check(start_step, self.gathered_policy, self.gold_best.keep, [])
         for step in range(start_step, max_steps):
             rows = self.step_prompts(step)
             trainer_internals.fire(self, "on_step_begin")
@@ -591,7 +603,7 @@ class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers
             if self.gold_step(step + 1, logs) or stop:
                 break
         if self.gold is not None:
-            self.gold.finish(self.state.global_step, self.gathered_policy, self.unwrapped.policy, self.gold_proxies)
+            self.gold.finish(self.state.global_step, self.gathered_policy, self.gold_best, self.gold_proxies)
         train_loss = sum(losses) / len(losses) if losses else 0.0
         return trainer_internals.finish_training(self, train_loss, start)
 
@@ -739,7 +751,7 @@ class PPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, transformers
         if not self.gold.due(step):
             return False
         proxies, self.gold_proxies = self.gold_proxies, []
-        return bool(self.gold.check(step, self.gathered_policy, self.unwrapped.policy, proxies))
+        return bool(self.gold.check(step, self.gathered_policy, self.gold_best.keep, proxies))
 
     # -- held-out evaluation ------------------------------------------------------------------------------------
 

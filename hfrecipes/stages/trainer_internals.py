@@ -6,7 +6,7 @@ Those pieces are not public API: `Trainer._inner_training_loop` drives them, and
 These functions are the only code that touches them, each saying why; `CALLS` lists what they need of the installed
 transformers, and `check()` compares the two (tests/test_ppo.py runs it, so an upstream rename or a changed
 signature fails there, by name, rather than halfway through a run).
-`WholeCheckpoints` is the one override of a private method that every stage's trainer carries, whichever loop runs.
+`WholeCheckpoints` holds the overrides of private methods that every stage's trainer carries, whichever loop runs.
 Delete a function here when transformers offers a public way to do what it does.
 
     pytest tests/test_ppo.py -k internals
@@ -33,6 +33,8 @@ CALLS: dict[str, tuple[int, tuple[str, ...], str]] = {
     "_save_checkpoint": (1, ("trial",), "write a checkpoint: model, optimizer, scheduler, RNG, state, rotation"),
     "save_model": (1, ("_internal_call",), "overridden; `_save_checkpoint` calls it with _internal_call=True"),
     "store_flos": (0, (), "add the loop's FLOP count (`current_flos`) to state.total_flos"),
+    "_load_best_model": (0, (), "load the best gold check's checkpoint back at the end (gold_keep_best)"),
+    "_save": (1, ("state_dict",), "overridden: the final weights without a gathered copy of tied weights"),
     "log": (1, (), "append to state.log_history and fire on_log"),
 }
 # Attributes Trainer.__init__ sets that the loop reads or replaces.
@@ -49,23 +51,48 @@ ATTRIBUTES: dict[str, str] = {
 EVENTS = ("on_train_begin", "on_step_begin", "on_step_end", "on_save", "on_train_end")  # (args, state, control)
 STATE_FIELDS = (
     "global_step", "epoch", "max_steps", "logging_steps", "save_steps", "is_local_process_zero",
-    "is_world_process_zero", "total_flos", "log_history", "stateful_callbacks",
+    "is_world_process_zero", "total_flos", "log_history", "stateful_callbacks", "best_global_step",
+    "best_model_checkpoint", "best_metric",
 )  # fmt: skip
 CONTROL_FLAGS = ("should_log", "should_save", "should_training_stop")
 
 
 class WholeCheckpoints:
-    """Trainer mixin: a checkpoint is whole once `trainer_state.json` is on disk, in every process.
+    """Trainer mixin: a checkpoint is whole once `trainer_state.json` is on disk, in every process, and a saved model
+    holds the same tensors whatever engine trained it.
 
     `Trainer._save_checkpoint` has each process write its own `rng_state_<rank>.pth`, then the main process writes
     `trainer_state.json`, with nothing in between that waits for the others. A job killed in that gap leaves a
     checkpoint that looks complete (`record.checkpoint_is_complete`) but lacks another rank's RNG state, and
     `_load_rng_state` then only warns: that rank samples other replies than the uninterrupted run would. Waiting for
-    every process after the RNG save closes the gap (a no-op in one process)."""
+    every process after the RNG save closes the gap (a no-op in one process).
+
+    Under ZeRO-2 and FSDP2 Trainer saves a state dict the engine gathered, in which tied weights (the tiny model's
+    input and output embeddings) are separate copies: `save_pretrained` drops a tied weight only where it shares
+    storage with its source, so the file would carry the embeddings twice where one process's save holds them once."""
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None:
+            state_dict = without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict=state_dict)
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """`state_dict` less each tied weight (`model.all_tied_weights_keys`: target -> source) whose source it also
+    holds with the same values, as `save_pretrained` drops it from the model's own state dict."""
+    import torch
+
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    drop = {
+        target
+        for target, source in tied.items()
+        if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source])
+    }
+    return {k: v for k, v in state_dict.items() if k not in drop} if drop else state_dict
 
 
 def begin_training(trainer: transformers.Trainer, num_updates: int, max_steps: int, resume_from: str | None) -> int:
