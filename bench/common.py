@@ -85,17 +85,17 @@ def timed_generate():
     `generate`, and with vLLM TRL's colocated `generate` and the weight sync before it."""
     from transformers.generation.utils import GenerationMixin
 
-    from hfrecipes import inference
+    from hfrecipes import vllm_support
 
     targets = [(GenerationMixin, "generate")]
-    if inference.vllm_available():
+    if vllm_support.vllm_available():
         from trl.generation.vllm_generation import VLLMGeneration
 
         # TRL's sync, or the one hfrecipes binds to the instance under vLLM >= 0.32 (looked up when it binds it)
         targets += [
             (VLLMGeneration, "generate"),
             (VLLMGeneration, "sync_weights"),
-            (inference, "colocate_reload_weights"),
+            (vllm_support, "colocate_reload_weights"),
         ]
     calls: list[tuple[float, float]] = []
     originals = [(owner, name, getattr(owner, name)) for owner, name in targets]

@@ -29,8 +29,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hfrecipes.inference import generate, vllm_available
+    from hfrecipes.inference import generate
     from hfrecipes.tiny import task
+    from hfrecipes.vllm_support import vllm_available
 
     pairs = task.split_pairs()["heldout"]
     prompts = [[{"role": "user", "content": task.question(a, b)}] for a, b in pairs][: args.prompts]

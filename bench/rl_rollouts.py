@@ -18,7 +18,7 @@ import argparse
 import tempfile
 
 from bench.common import generation_shares, median, parents
-from hfrecipes.inference import vllm_available
+from hfrecipes.vllm_support import vllm_available
 
 
 def run_stage(stage: str, steps: int, overrides: dict, skip: int):

@@ -18,9 +18,10 @@ from typing import Any
 
 from hfrecipes import gguf_export, record
 from hfrecipes.errors import UsageError
-from hfrecipes.inference import greedy_transformers, greedy_vllm, kv_cache_of, until_eos, vllm_available
+from hfrecipes.inference import greedy_transformers, greedy_vllm, kv_cache_of, until_eos
 from hfrecipes.modeling import check_stage_dir, is_adapter, load_merged
 from hfrecipes.stagerun import StageRun
+from hfrecipes.vllm_support import vllm_available
 
 logger = logging.getLogger(__name__)
 

