@@ -6,6 +6,7 @@ print(out.output_dir, out.record["compute"]["flops_6nd"])
 """
 
 from hfrecipes import api as _api
+from hfrecipes import quiet as _quiet
 from hfrecipes.api import (
     StageResult,
     convert,
@@ -22,6 +23,8 @@ from hfrecipes.api import (
 )
 from hfrecipes.errors import UsageError
 from hfrecipes.stages import STAGES
+
+_quiet.install()  # the imports above are light: no library whose message it drops has loaded yet
 
 globals().update({stage_id: getattr(_api, stage_id) for stage_id in STAGES})  # hfrecipes.sft(...), one a stage
 

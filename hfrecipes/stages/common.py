@@ -24,6 +24,8 @@ class DeviceDefaults:
       synchronisation per step that stops the host queueing the next step while the GPU works; it also replaces a
       non-finite loss by the running mean, which would hide it from the stage's finite-loss stop
       (`record.finite_loss_callback`).
+    - `gradient_checkpointing` (a recipe key on every supported transformers) is passed on under the newer name where
+      transformers has it (`checkpointing_under_its_new_name`).
     """
 
     bf16: bool | None = field(
@@ -41,7 +43,25 @@ class DeviceDefaults:
 
     def __post_init__(self):
         modeling.resolve_device_defaults(self)
+        checkpointing_under_its_new_name(self)
         super().__post_init__()
+
+
+def checkpointing_under_its_new_name(args) -> None:
+    """Move `gradient_checkpointing` (and its `_kwargs`) to `activation_checkpointing` where transformers has that
+    name (5.24 and newer), which warns on the old one; older releases have only the old name.
+
+    Recipes keep `gradient_checkpointing`, the name every transformers in pyproject's range reads, and our configs
+    default it (FineTuneDefaults: False), so without this every fine-tuning stage would print transformers'
+    deprecation warning. A value set under the new name wins, as it does in transformers."""
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if hasattr(args, new):
+            if getattr(args, new) is None:
+                setattr(args, new, getattr(args, old))
+            setattr(args, old, None)  # transformers sets it back to the new name's value
 
 
 @dataclass
