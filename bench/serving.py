@@ -1,7 +1,8 @@
 """A throughput curve of vLLM's OpenAI-compatible server on an export folder: streamed chat requests sent 1, 4, 16
 and 64 at a time, in one run, each level's output tokens/s, requests/s, per-request latency (p50, p95) and time to
-first token (p50) printed as a ratio against one request at a time. The curve goes into the folder: a `serving`
-block in `record.json`, the plot `serving.png`, and the card re-rendered with its table.
+first token (p50) printed as a ratio against one request at a time. The curve is a file of its own in the folder,
+`serving_bench.json` (the model's `record.json` is left as it is), with the plot `serving.png`; the card, re-rendered,
+shows it as a measurement of that folder.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python bench/serving.py runs/tiny/export
     PYTHONPATH=. python bench/serving.py runs/tiny/export --concurrency 1 8 --requests-per-level 32 --prompts p.jsonl
@@ -22,7 +23,7 @@ Deliberate simplifications:
   core, and a reply's chunks can arrive in bursts.
 - Every level sends the same prompts (the tiny task's held-out ones by default), and one untimed pass over them
   warms the server first, so prefix caching (whole blocks of a prompt) holds the same prompts at every level.
-- The record's device is this process's, which is the server's too: both run on this machine.
+- The device named in the file is this process's, which is the server's too: both run on this machine.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import argparse
 import asyncio
 import dataclasses
 import io
+import json
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from hfrecipes.card import SERVING_PLOT as PLOT
+from hfrecipes.report.card import SERVING_BENCH
+from hfrecipes.report.plots import SERVING_PLOT as PLOT
 
 CONCURRENCY = (1, 4, 16, 64)
 REQUESTS_PER_LEVEL = 64
@@ -112,7 +115,7 @@ def engine_version() -> str:
 def serving_block(
     levels: list[dict[str, Any]], device: dict[str, Any], measured: str, engine: str, **workload: Any
 ) -> dict[str, Any]:
-    """The record's `serving` block: the levels (with ratios), the device, when, the engine, and the workload."""
+    """What `serving_bench.json` holds: the levels (with ratios), the device, when, the engine, and the workload."""
     return {"levels": with_ratios(levels), "device": device, "measured": measured, "engine": engine, **workload}
 
 
@@ -275,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     import hfrecipes
-    from hfrecipes import card, data
+    from hfrecipes import data
     from hfrecipes import record as records
     from hfrecipes.inference import read_prompts
+    from hfrecipes.report import card
     from hfrecipes.serving import check_export
 
     folder = Path(args.export_dir)
@@ -313,14 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(table(block["levels"]))
     print(summary(block["levels"]))
-    rec = records.read_record(folder)
-    rec["serving"] = block
     device = block["device"]
     title = f"{server.model}: {engine}, {device['name']} ({device['kind']}), {args.max_tokens} tokens per reply"
     records.atomic_write_bytes(folder / PLOT, plot(block["levels"], title))
-    records.write_record(folder, rec)
-    card.write_card(folder, rec)
-    print(f"wrote {folder / 'record.json'} (serving), {folder / PLOT}, {folder / 'README.md'}")
+    records.atomic_write_text(folder / SERVING_BENCH, json.dumps(block, indent=2) + "\n")
+    card.write_card(folder, records.read_record(folder))
+    print(f"wrote {folder / SERVING_BENCH}, {folder / PLOT}, {folder / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -241,7 +241,8 @@ def _check_launch(config: Path, flags: list[str]) -> None:
 def _cost(args: argparse.Namespace) -> None:
     import json
 
-    from hfrecipes.costs import format_plan, plan
+    from hfrecipes.costs import plan
+    from hfrecipes.report.format import format_plan
 
     names = {"price": "price_per_hour", "power": "power_watts", "grid": "grid_gco2_per_kwh"}
     options = {

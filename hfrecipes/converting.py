@@ -169,7 +169,7 @@ def convert(
     facts = find_base(meta, bases) or (bases[0] if base else None)
     digest = sha256(file)
 
-    from hfrecipes import card
+    from hfrecipes.report import card
 
     with record.staged_folder(out_dir) as tmp:
         model, tok = _dequantize(file, dtype, meta)
@@ -237,23 +237,7 @@ def base_record(model, file: Path, digest: str, meta: dict[str, Any], facts: Bas
         "knowledge_cutoff": cutoff,
         "model_cutoff": {**cutoff, "stage": record.BASE} if cutoff else None,
     }
-    ref = costs.DEVICES[costs.REFERENCE_DEVICE]
-    compute: dict[str, Any] = {"estimate": True}
-    if tokens:
-        flops = 6.0 * n * tokens
-        hours = costs.device_hours_for(flops, ref.peak_flops, costs.DEFAULT_MFU)
-        kwh = costs.energy_kwh(hours, ref.power_watts, costs.DEFAULT_PUE)
-        compute |= {
-            "flops_6nd": flops,
-            "device_hours": hours,
-            "cost_device": ref.label,
-            "price_per_hour": ref.price_per_hour,
-            "price_source": f"hfrecipes table, {ref.label} at {costs.DEFAULT_MFU:.0%} MFU (an estimate)",
-            "dollars": hours * ref.price_per_hour,
-            "energy_kwh": kwh,
-            "power_watts": ref.power_watts,
-            "pue": costs.DEFAULT_PUE,
-        }
+    compute = costs.published_training(n, tokens) if tokens else {"estimate": True}
     rec["compute"] = compute
     rec["metrics"] = {"steps": None}
     rec["gguf"] = {

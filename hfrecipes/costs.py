@@ -146,6 +146,11 @@ def inference_flops_per_token(
     return flops
 
 
+def device_hours(wall_seconds: float, count: int = 1) -> float:
+    """Device-hours a run took: its wall time on every device it held."""
+    return wall_seconds / 3600.0 * count
+
+
 def device_hours_for(flops: float, peak_flops: float, mfu: float) -> float:
     if peak_flops <= 0 or mfu <= 0:
         raise UsageError(f"peak FLOP/s and MFU must be positive, got {peak_flops} and {mfu}.")
@@ -332,6 +337,31 @@ def decode_estimate(
 # ------------------------------------------------------------------------------------------ stage records
 
 
+def published_training(params: float, tokens: float, device: str = REFERENCE_DEVICE, mfu: float = DEFAULT_MFU):
+    """A pretraining we did not run, priced from its published size: 6·N·D on `device` at `mfu` of peak, with the
+    table's price and power and the default PUE and grid intensity (a converted base's record). Every figure is an
+    estimate; the keys are a stage record's compute block's."""
+    row = DEVICES[device]
+    flops = training_flops(params, tokens)
+    hours = device_hours_for(flops, row.peak_flops, mfu)
+    kwh = energy_kwh(hours, row.power_watts, DEFAULT_PUE)
+    return {
+        "estimate": True,
+        "flops_6nd": flops,
+        "device_hours": hours,
+        "cost_device": device,
+        "price_per_hour": row.price_per_hour,
+        "price_source": f"hfrecipes' cost table, {row.label} at {mfu:.0%} MFU, an estimate",
+        "dollars": hours * row.price_per_hour,
+        "power_watts": row.power_watts,
+        "pue": DEFAULT_PUE,
+        "energy_kwh": kwh,
+        "grid_gco2_per_kwh": DEFAULT_GRID_GCO2_PER_KWH,
+        "co2_kg": co2_kg(kwh, DEFAULT_GRID_GCO2_PER_KWH),
+        "co2_source": "estimate: energy x grid intensity",
+    }
+
+
 def prices(device: dict[str, Any], script_args: Any = None) -> dict[str, Any]:
     """Price, power, PUE and grid intensity for a recorded device: the recipe's values, else the table's."""
 
@@ -363,7 +393,7 @@ def stage_costs(
     """Dollars, energy, CO2 and MFU of a finished stage, for `record.compute_summary`. `measured_co2_kg` and
     `co2_failure` are a `Measurement`'s `kg` and `failure` (`measured_emissions`)."""
     p = prices(device, script_args)
-    hours = wall_seconds / 3600.0 * device.get("count", 1)
+    hours = device_hours(wall_seconds, device.get("count", 1))
     kwh = energy_kwh(hours, p["power_watts"], p["pue"]) if p["power_watts"] is not None else None
     if measured_co2_kg is not None:
         co2, co2_source = measured_co2_kg, "codecarbon"
@@ -375,6 +405,7 @@ def stage_costs(
     peak = p.pop("peak_flops")
     return {
         **p,
+        "device_hours": hours,
         "dollars": hours * p["price_per_hour"] if p["price_per_hour"] is not None else None,
         "energy_kwh": kwh,
         "co2_kg": co2,
@@ -618,72 +649,6 @@ def plan(
     }
 
 
-def _num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}g}"
-
-
-def format_dollars(x: float | None) -> str:
-    if not isinstance(x, (int, float)):  # None, or a field the record does not hold (Jinja's Undefined)
-        return "n/a"
-    return f"${x:,.0f}" if abs(x) >= 1000 else f"${x:.3g}"
-
-
-def format_share(x: float | None) -> str:
-    """A share as a percentage that never rounds a small share to 0% or a large one to 100%."""
-    if not isinstance(x, (int, float)):
-        return "n/a"
-    if 0 < x < 0.001:
-        return "<0.1%"
-    if 0.999 < x < 1:
-        return ">99.9%"
-    return f"{100 * x:.3g}%"
-
-
 def overtake_day(days: float) -> int:
     """The day (counting from 1) during which serving's running total passes the training cost."""
     return max(1, math.ceil(days))
-
-
-def lifetime_lines(life: dict[str, Any] | None, indent: str = "  ") -> list[str]:
-    """The lifetime cost in words: dollars a day, the day serving overtakes training, serving's share of a year."""
-    if not life:
-        return []
-    days = life["overtakes_days"]
-    when = "n/a" if days is None else f"day {overtake_day(days)}"
-    return [
-        f"{indent}serving a day        {format_dollars(life['daily_dollars'])} "
-        f"({_num(life['daily_input_tokens'])} input + {_num(life['daily_output_tokens'])} output tokens)",
-        f"{indent}overtakes training   {when}",
-        f"{indent}after {life['days']} days       serving is {format_share(life['serving_share'])} of the whole cost "
-        f"({format_dollars(life['serving_dollars'])} serving)",
-    ]
-
-
-def format_plan(p: dict[str, Any]) -> str:
-    i, t, s, b = p["inputs"], p["training"], p["serving"], p["break_even"]
-    ratio = s["output_input_price_ratio"]
-    lines = [
-        f"model {_num(i['params'])} parameters, {_num(i['tokens'])} training tokens, "
-        f"{i['num_devices']} x {DEVICES[i['device']].label} at {i['mfu']:.0%} MFU, ${i['price_per_hour']:.2f}/h",
-        "training",
-        f"  FLOPs               {_num(t['flops'])}" + (" (6·N·D + attention)" if i["attention"] else " (6·N·D)"),
-        f"  device-hours        {_num(t['device_hours'])}",
-        f"  wall time           {_num(t['wall_hours'])} h ({_num(t['wall_hours'] / 24)} days)",
-        f"  dollars             {format_dollars(t['dollars'])}",
-        f"  energy              {_num(t['energy_kwh'])} kWh (PUE {i['pue']:g})",
-        f"  CO2                 {_num(t['co2_kg'] / 1000)} t ({i['grid_gco2_per_kwh']:g} gCO2/kWh)",
-        "serving",
-        f"  FLOPs per token     {_num(s['flops_per_token'])} (2·N)",
-        f"  input tokens/s      {_num(s['prefill_tokens_per_second'])} per device, prefill ({s['prefill_source']})",
-        f"  output tokens/s     {_num(s['decode_tokens_per_second'])} per device, decode ({s['decode_source']})",
-        f"  $ per 1M input      {format_dollars(s['dollars_per_million_input_tokens'])}",
-        f"  $ per 1M output     {format_dollars(s['dollars_per_million_output_tokens'])}"
-        + (f" ({ratio:.3g}x input)" if ratio else ""),
-        "break-even (serving has cost more than training)",
-        f"  after               {_num(b['tokens'])} generated tokens",
-    ]
-    if b["days"] is not None:
-        lines.append(f"  days                {_num(b['days'])} at {_num(p['daily_tokens'])} generated tokens a day")
-    if p.get("lifetime"):
-        lines += ["lifetime (input and output tokens a day)", *lifetime_lines(p["lifetime"])]
-    return "\n".join(lines)

@@ -16,8 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hfrecipes import card, record
+from hfrecipes import record
 from hfrecipes.errors import UsageError
+from hfrecipes.report import card
 
 logger = logging.getLogger(__name__)
 

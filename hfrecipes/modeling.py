@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trl
 
@@ -430,7 +430,24 @@ def load_causal_lm(model_args, torch_dtype: str | None = None):
 
 # ------------------------------------------------------------------------------------- checkpoints, LoRA, QLoRA
 
-HEADS = {"causal_lm": "AutoModelForCausalLM", "reward": "AutoModelForSequenceClassification"}
+
+class Head(NamedTuple):
+    """A model head: the transformers auto class that loads it and the Hub's pipeline tag for its card."""
+
+    auto_class: str
+    pipeline_tag: str
+
+
+HEADS = {
+    "causal_lm": Head("AutoModelForCausalLM", "text-generation"),
+    "reward": Head("AutoModelForSequenceClassification", "text-classification"),
+}
+
+
+def head_of(architecture: str) -> str | None:
+    """The head a model class is (`LlamaForCausalLM`, `PeftModelForSequenceClassification`): its name ends as its
+    auto class does."""
+    return next((k for k, h in HEADS.items() if architecture.endswith(h.auto_class.removeprefix("AutoModel"))), None)
 
 
 def model_source(model_args) -> tuple[str, str | None]:
@@ -512,7 +529,7 @@ def load_pretrained(model_args, head: str = "causal_lm", dtype: str | None = Non
         extra["device_map"] = kbit_device_map()
     if gguf:
         extra["gguf_file"] = gguf
-    auto_class = getattr(transformers, HEADS[head])
+    auto_class = getattr(transformers, HEADS[head].auto_class)
     try:
         model = auto_class.from_pretrained(
             source,

@@ -24,14 +24,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 NOT_STAGE_RECIPES = ("accelerate",)
 
 
-def _resource_dir(name: str) -> Path:
+def resource_dir(name: str) -> Path:
     """`recipes/` and `cards/` ship inside the wheel; in a source checkout they sit at the repository root."""
     inside = PACKAGE_DIR / name
     return inside if inside.is_dir() else PACKAGE_DIR.parent / name
 
 
 def recipes_root() -> Path:
-    return _resource_dir("recipes")
+    return resource_dir("recipes")
 
 
 def list_recipes() -> list[str]:

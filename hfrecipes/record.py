@@ -86,6 +86,7 @@ class Heldout:
 @dataclass(frozen=True)
 class ModelBlock:
     architecture: str | None = None
+    head: str | None = None  # a key of `modeling.HEADS`
     model_type: str | None = None
     source: str | None = None
     params_total: int | None = _number()
@@ -93,6 +94,7 @@ class ModelBlock:
     params_embedding: int | None = _number()
     dtype: str | None = None
     adapter: dict[str, Any] | None = None
+    merged_adapter: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,6 +132,7 @@ class ComputeBlock:
     steady: dict[str, Any] | None = None
     precision: str | None = None
     kernels: dict[str, Any] | None = None
+    estimate: bool = False  # published figures priced by the cost table (a converted base), not a run of ours
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -143,6 +146,105 @@ class MetricsBlock:
     last_logged_loss: float | None = _number()
     heldout: Heldout | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InferenceBlock:
+    """What `hfrecipes generate` measured on the folder (`inference.generate`): rates, the KV cache, the price and
+    the traffic the card states the lifetime cost for. `serving` is `costs.serving`'s answer for those rates, as
+    generation priced them; a record without it is priced from the rates by the same function."""
+
+    engine: str | None = None
+    prompts: int | None = _number()
+    samples_per_prompt: int | None = _number()
+    input_tokens: int | None = _number()
+    generated_tokens: int | None = _number()
+    wall_seconds: float | None = _number()
+    tokens_per_second: float | None = _number()
+    prefill_seconds: float | None = _number()
+    prefill_tokens: int | None = _number()
+    prefill_tokens_per_second: float | None = _number()
+    decode_seconds: float | None = _number()
+    decode_tokens_per_second: float | None = _number()
+    params: int | None = _number()
+    inference_flops: float | None = _number()
+    flops_per_token: float | None = _number()
+    device: dict[str, Any] | None = None
+    price_per_hour: float | None = _number()
+    dollars_per_million_tokens: float | None = _number()
+    dollars_per_million_input_tokens: float | None = _number()
+    dollars_per_million_output_tokens: float | None = _number()
+    output_input_price_ratio: float | None = _number()
+    kv_cache: dict[str, Any] | None = None
+    sampling: dict[str, Any] | None = None
+    traffic: dict[str, Any] | None = None
+    serving: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExportBlock:
+    """What `hfrecipes export` wrote: the format, its dtype or GGUF file, generation settings, KV cache, the check."""
+
+    format: str | None = None
+    dtype: str | None = None
+    model_name: str | None = None
+    generation: dict[str, Any] | None = None
+    gguf: dict[str, Any] | None = None
+    kv_cache: dict[str, Any] | None = None
+    verify: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HubBlock:
+    """Where `hfrecipes push` put the folder."""
+
+    repo_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GGUFBlock:
+    """The GGUF file a base record was converted from (`converting.convert`)."""
+
+    file: str | None = None
+    sha256: str | None = None
+    bytes: int | None = _number()
+    quantization: str | None = None
+    tensor_types: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BaseBlock:
+    """A converted base model's published facts and where each figure of its record came from."""
+
+    name: str | None = None
+    hub_id: str | None = None
+    estimate: bool = False
+    sources: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationBlock:
+    """A stage's own evaluation of the task before and after training (GRPO's held-out replies)."""
+
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+BLOCKS = {  # the blocks later steps add to a record, each typed
+    "inference": InferenceBlock,
+    "export": ExportBlock,
+    "hub": HubBlock,
+    "gguf": GGUFBlock,
+    "base": BaseBlock,
+    "evaluation": EvaluationBlock,
+}
 
 
 @dataclass(frozen=True)
@@ -161,8 +263,14 @@ class Record:
     data: DataBlock = field(default_factory=DataBlock)
     compute: ComputeBlock = field(default_factory=ComputeBlock)
     metrics: MetricsBlock = field(default_factory=MetricsBlock)
+    inference: InferenceBlock | None = None
+    export: ExportBlock | None = None
+    hub: HubBlock | None = None
+    gguf: GGUFBlock | None = None
+    base: BaseBlock | None = None
+    evaluation: EvaluationBlock | None = None
     parent: Record | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # inference, export, hub, evaluation: written by later steps
+    extra: dict[str, Any] = field(default_factory=dict)  # keys no block names
 
     @classmethod
     def parse(cls, raw: dict[str, Any], where: str = RECORD) -> Record:
@@ -194,6 +302,7 @@ class Record:
             data=_take(DataBlock, raw.get("data"), f"{where}: data"),
             compute=_take(ComputeBlock, raw.get("compute"), f"{where}: compute"),
             metrics=MetricsBlock(**{**metrics.__dict__, "heldout": heldout}),
+            **{k: _take(b, raw[k], f"{where}: {k}") if raw.get(k) is not None else None for k, b in BLOCKS.items()},
             parent=cls.parse(parent, f"{where}: parent") if parent else None,
             extra={k: v for k, v in raw.items() if k not in top},
         )
@@ -494,10 +603,9 @@ def compute_summary(
     `throughput.steady`: the steps after warm-up; what the hardware does once running), whose MFU scales the wall
     one by the ratio of the two rates, so both share one peak. `precision` and `kernels` say how it trained.
     """
-    from hfrecipes.costs import stage_costs
+    from hfrecipes.costs import stage_costs, training_flops
 
-    hours = wall_seconds / 3600 * device["count"]
-    flops = 6.0 * params * tokens
+    flops = training_flops(params, tokens)
     rate = tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None
     costs = stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg, co2_failure)
     if steady is not None and steady.get("tokens_per_second") and rate and costs.get("mfu"):
@@ -508,7 +616,6 @@ def compute_summary(
         "wall_seconds": round(wall_seconds, 3),
         "device": device,
         "distributed": distributed,
-        "device_hours": hours,
         "tokens_per_second": rate,
         "steady": steady,
         "precision": precision,

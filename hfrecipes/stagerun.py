@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hfrecipes import card, record, throughput
+from hfrecipes import record, throughput
 from hfrecipes.costs import measured_emissions
 from hfrecipes.data import model_cutoff
 from hfrecipes.record import Heldout
+from hfrecipes.report import card
 
 
 class StageRun:
@@ -71,10 +72,11 @@ class StageRun:
 
     def describe_model(self, model, source: str, model_args=None, dtype: str | None = None, **extra) -> None:
         """The record's model block: architecture, parameter counts, dtype, the LoRA adapter where there is one."""
-        self.record["model"] = record.model_summary(model, source, dtype)
-        if model_args is not None:
-            from hfrecipes.modeling import adapter_summary
+        from hfrecipes.modeling import adapter_summary, head_of
 
+        self.record["model"] = record.model_summary(model, source, dtype)
+        self.record["model"]["head"] = head_of(self.record["model"]["architecture"])
+        if model_args is not None:
             self.record["model"]["adapter"] = adapter_summary(model, model_args)
         self.record["model"].update(extra)
 
@@ -117,8 +119,8 @@ class StageRun:
 
         `script_args` names the training data (`train_raw`) and carries the recipe's cost overrides (device price,
         power, PUE, grid intensity); `datasets` replaces the default entry of that data. Tokens seen default to
-        TRL's own count (`num_tokens`, every token of every sequence the model read); examples to optimizer steps x
-        global batch (a preference pair is one example).
+        TRL's own count (`consumed_tokens`, every token of every sequence the model read); examples to optimizer
+        steps x global batch (a preference pair is one example).
         """
         from hfrecipes.modeling import precision
 
@@ -129,7 +131,7 @@ class StageRun:
         if examples is None:
             examples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         if tokens is None:
-            tokens = int((record.logged(trainer, "num_tokens") or [0])[-1])
+            tokens = consumed_tokens(trainer)
         losses = record.logged(trainer, "loss")
         rec["data"] = {
             "datasets": datasets,
@@ -198,3 +200,18 @@ def _kernels(args, model) -> dict[str, Any]:
         "liger_kernel": bool(args.use_liger_kernel),
         "gradient_checkpointing": bool(args.gradient_checkpointing),
     }
+
+
+def consumed_tokens(trainer) -> int:
+    """Every token of every sequence the stage read, as the trainer counts it at each step: TRL's running count
+    (SFT, DPO, reward: `_total_train_tokens`; GRPO, RLOO: `state.num_input_tokens_seen`; PPO: `num_tokens`). Its
+    last *logged* value misses the steps after the last log, and is absent when a stage stops before its first; the
+    running count covers both. After a resume the logged history holds the count before it, so the larger wins."""
+    logged = record.logged(trainer, "num_tokens")
+    counts = (
+        getattr(trainer, "_total_train_tokens", 0),
+        trainer.state.num_input_tokens_seen,
+        getattr(trainer, "num_tokens", 0),
+        logged[-1] if logged else 0,
+    )
+    return int(max(c for c in counts if isinstance(c, (int, float))))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from hfrecipes import card, converting, costs, record
+from hfrecipes import converting, costs, record
 from hfrecipes.errors import UsageError
+from hfrecipes.report import card
+from hfrecipes.report import format as fmt
 
 SMOLLM2_META = {"general.basename": "smollm2", "general.size_label": "135M", "quantization": "Q4_1"}
 
@@ -79,13 +81,24 @@ def test_card_of_a_model_started_from_it_leads_its_lineage_with_the_base_row(bas
     child["compute"] = {"flops_6nd": 6e12, "dollars": 0.01, "wall_seconds": 60.0, "device_hours": 1 / 60}
     child["metrics"] = {"steps": 5}
     child["status"] = "complete"
-    rows, total = card.lineage_rows(child)
+    numbers = card.lineage_numbers(record.Record.parse(child))
+    rows, total = card.lineage_rows(numbers)
     assert [r["stage"] for r in rows] == ["base (published, estimated)", "sft"]
     assert rows[0]["dollars"].startswith("~$") and rows[0]["flops"].startswith("~") and rows[0]["tokens"] == "2 T"
-    assert rows[1]["dollars"] == card._money(0.01)
-    _, sums = card.lineage_numbers(child)
+    assert rows[1]["dollars"] == fmt.money(0.01)
+    sums = numbers.total
     assert sums["dollars"] == pytest.approx(base_rec["compute"]["dollars"] + 0.01)
+    # one rule for every summed key: the base row's energy and CO2 are both in their totals, or both said missing
+    assert sums["energy_kwh"] == pytest.approx(base_rec["compute"]["energy_kwh"])  # the sft row records none
+    assert sums["co2_kg"] == pytest.approx(base_rec["compute"]["co2_kg"])
+    assert base_rec["compute"]["co2_kg"] == pytest.approx(base_rec["compute"]["energy_kwh"] * 0.475)
+    assert numbers.missing == {"steps": ["base"], "wall_seconds": ["base"], "energy_kwh": ["sft"], "co2_kg": ["sft"]}
+    assert total["steps"] == "≥5"  # a published pretraining states no steps: the total says it covers the sft only
     assert total["dollars"].startswith("~$")
     text = str(card.render(child, "me/smol-sft"))
     assert "The first row is **SmolLM2-135M**" in text and "sha256 abababababab" in text
     assert "2 trillion tokens" in text and "whose own training cost is not recorded" not in text
+    sentence = " ".join(text.split())  # as read, not as wrapped
+    priced = "device-hours, dollars, energy and CO2: hfrecipes' cost table, NVIDIA H100 SXM at 40% MFU, an estimate."
+    assert priced in sentence
+    assert f"| CO2 (kg) | n/a | ≥{fmt.num(sums['co2_kg'])} (not recorded for sft) |" in text

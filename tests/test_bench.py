@@ -95,8 +95,11 @@ def test_serving_levels_and_ratios_against_one_at_a_time():
 
 
 def test_card_shows_the_serving_curve_with_its_plot(tmp_path):
+    """The bench writes its own file beside the record, never into it; the card reads that file as a measurement."""
     from bench.serving import serving_block
-    from hfrecipes import card, record
+    from hfrecipes import record
+    from hfrecipes.errors import UsageError
+    from hfrecipes.report import card
 
     rec = record.new_record("sft", {"path": None, "values": {}}, None)
     rec.update(
@@ -106,10 +109,13 @@ def test_card_shows_the_serving_curve_with_its_plot(tmp_path):
         compute=record.compute_summary(1000, 10, 0.0, 36.0, DEVICE),
         metrics={"steps": 1},
     )
+    record.write_record(tmp_path, rec)
     card.write_card(tmp_path, rec)
     assert "Throughput against concurrency" not in (tmp_path / "README.md").read_text()
-    rec["serving"] = serving_block(_levels(), DEVICE, MEASURED, "vllm 0.0", max_tokens=32, requests_per_level=8)
+    block = serving_block(_levels(), DEVICE, MEASURED, "vllm 0.0", max_tokens=32, requests_per_level=8)
+    (tmp_path / card.SERVING_BENCH).write_text(json.dumps(block))
     card.write_card(tmp_path, rec)
+    assert record.read_record(tmp_path) == rec  # the product record is untouched
     text = (tmp_path / "README.md").read_text()
     assert "Throughput against concurrency" in text and "vllm 0.0" in text and "1 x x86_64" in text
     assert "| 1 | 128 | 1.00x | 4 | 270 ms | 333 ms | 20 ms |" in text
@@ -119,6 +125,10 @@ def test_card_shows_the_serving_curve_with_its_plot(tmp_path):
     card.write_card(tmp_path, rec, plots=False)
     text = (tmp_path / "README.md").read_text()
     assert text.count("](serving.png)") == 1 and "## Training curves" not in text  # in the serving section only
+    (tmp_path / card.SERVING_BENCH).write_text("{not json")
+    with pytest.raises(UsageError, match="serving_bench.json: not valid JSON"):
+        card.write_card(tmp_path, rec)
+    (tmp_path / card.SERVING_BENCH).write_text(json.dumps(block))
     assert text.index("](serving.png)") < text.index("## Evaluation results")
 
 

@@ -11,7 +11,9 @@ import pytest
 from conftest import device_kind
 
 import hfrecipes
-from hfrecipes import card, costs, data, record
+from hfrecipes import costs, data, record
+from hfrecipes.report import card
+from hfrecipes.report import format as fmt
 
 STEPS = 4
 COMMON = {
@@ -144,24 +146,24 @@ def test_lineage_table_equals_the_records_and_totals_add_up(carded):
         c, tokens = r["compute"], r["data"]["tokens_seen"]
         assert row[0] == r["stage"]
         assert row[3:] == [
-            card._si(tokens),
+            fmt.si(tokens),
             str(r["metrics"]["steps"]),
-            card._duration(c["wall_seconds"]),
-            card._num(c["device_hours"]),
-            card._si(c["flops_6nd"]),
-            card._money(c["dollars"]),
+            fmt.duration(c["wall_seconds"]),
+            fmt.num(c["device_hours"]),
+            fmt.si(c["flops_6nd"]),
+            fmt.money(c["dollars"]),
         ]
         values = (tokens, r["metrics"]["steps"], c["wall_seconds"], c["device_hours"], c["flops_6nd"], c["dollars"])
         for key, value in zip(sums, values, strict=True):
             sums[key] += value
     assert rows[-1][0] == "total"
     assert rows[-1][3:] == [
-        card._si(sums["tokens"]),
+        fmt.si(sums["tokens"]),
         str(sums["steps"]),
-        card._duration(sums["wall"]),
-        card._num(sums["hours"]),
-        card._si(sums["flops"]),
-        card._money(sums["dollars"]),
+        fmt.duration(sums["wall"]),
+        fmt.num(sums["hours"]),
+        fmt.si(sums["flops"]),
+        fmt.money(sums["dollars"]),
     ]
 
 
@@ -207,7 +209,7 @@ def test_card_sections_and_plots(lineage):
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     serve = _table(text, "| | |")
     params = lineage[-1].record["model"]["params_total"]
-    assert serve[0][1] == card._si(2 * params)
+    assert serve[0][1] == fmt.si(2 * params)
 
 
 def test_unknown_cutoff_says_why():
@@ -259,7 +261,7 @@ def test_measured_serving_cost_replaces_the_estimate():
     text = str(card.render(rec))
     per_million = 0.80 / (1000.0 * 3600) * 1e6
     row = next(r for r in _table(text, "| | |") if r[0].startswith("dollars per 1M output"))
-    assert row[1] == card._money(per_million)
+    assert row[1] == fmt.money(per_million)
     assert "tokens/s per device (measured)" in text
 
 
@@ -279,3 +281,45 @@ def test_trainer_never_writes_its_own_card(tmp_path):
     Fake().create_model_card()
     assert "hfrecipes" in (tmp_path / "README.md").read_text()
     assert re.search(r"^library_name: transformers$", (tmp_path / "README.md").read_text(), re.M)
+
+
+def test_card_says_which_hfrecipes_and_links_no_missing_page():
+    text = str(card.render(_synthetic()))
+    version = record.versions().get("hfrecipes")
+    assert "pypi.org" not in text
+    assert f"trained with hfrecipes{f' {version}' if version else ''}." in text
+
+
+@pytest.mark.parametrize("counted", [0.0, 3.6e12])
+def test_trainers_own_flops_only_where_it_counted(counted):
+    """GRPO's trainer counts no FLOPs (`total_flos` stays 0): the card says nothing of a count it did not make."""
+    rec = _synthetic()
+    rec["compute"]["flops_trainer"] = counted
+    text = " ".join(str(card.render(rec)).split())
+    assert ("the trainer's own count for this stage (embeddings left out) was 3.6 T FLOPs" in text) == bool(counted)
+    assert "was 0 FLOPs" not in text
+
+
+def test_a_stage_stopped_before_its_first_log_counts_the_tokens_it_read(tiny_pretrained, tmp_path):
+    """Tokens come from the trainer's running count, not its last step log: a stage that stopped before its first
+    log read tokens all the same (TRL states its count only in the closing summary), and its 6·N·D is not 0."""
+    out = hfrecipes.sft(
+        "tiny/sft_lora",
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        output_dir=str(tmp_path / "sft"),
+        max_steps=2,
+        logging_steps=50,
+        max_train_samples=32,
+        max_eval_samples=16,
+        save_strategy="no",
+        gold_dataset_name=None,
+    )
+    logs = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert not [log for log in logs if "loss" in log]  # no step was logged
+    closing = next(log for log in logs if "train_runtime" in log)
+    tokens = out.record["data"]["tokens_seen"]
+    assert tokens == closing["num_tokens"] > 0
+    params = out.record["model"]["params_total"]
+    assert out.record["compute"]["flops_6nd"] == 6 * params * tokens > 0
+    row = _table((tmp_path / "sft" / "README.md").read_text(), "| stage | data |")[-2]
+    assert row[3] == fmt.si(tokens) and row[7] == fmt.si(6 * params * tokens)

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 import hfrecipes
-from hfrecipes import card, record
+from hfrecipes import record
+from hfrecipes.report import card
+from hfrecipes.report import format as fmt
 
 PACKAGE = Path(hfrecipes.__file__).parent
 FAST = {"max_steps": 2, "logging_steps": 1, "save_strategy": "no"}
@@ -119,9 +121,10 @@ def test_export_card_names_the_model_and_lists_only_training_stages(finished, ti
     lineage = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "|" in line[2:]]
     assert "export" not in lineage and "pretrain" in lineage and "sft" in lineage
     assert "0 tokens/s" not in text
-    sft_wall = card._duration(tiny_sft.record["compute"]["wall_seconds"])
+    sft_wall = fmt.duration(tiny_sft.record["compute"]["wall_seconds"])
     assert f"for {sft_wall}" in text, "the compute paragraph describes the stage that trained the weights"
-    meta = card.card_data(record.read_record(out), *card.lineage_numbers(record.read_record(out)))
+    rec = record.load_record(out)
+    meta = card.card_data(rec, card.lineage_numbers(rec))
     assert [s["stage"] for s in meta.hfrecipes["lineage"]] == ["pretrain", "sft"]
 
 
@@ -207,7 +210,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle_in_the_package_not_even_inside_a_function():
     graph = _graph()
-    assert "hfrecipes.card" in graph["hfrecipes.stagerun"] and "hfrecipes.record" in graph["hfrecipes.card"]
+    assert "hfrecipes.report.card" in graph["hfrecipes.stagerun"]
+    assert "hfrecipes.record" in graph["hfrecipes.report.card"]
     assert _cycles(graph) == []
 
 

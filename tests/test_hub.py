@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from hfrecipes import card, hub, record
+from hfrecipes import hub, record
 from hfrecipes.errors import UsageError
+from hfrecipes.report import card
 from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]

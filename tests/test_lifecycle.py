@@ -14,11 +14,13 @@ import pytest
 import yaml
 
 import hfrecipes
-from hfrecipes import card, cli
+from hfrecipes import cli, record
 from hfrecipes.errors import UsageError
 from hfrecipes.lifecycles import summary as summaries
 from hfrecipes.lifecycles.runner import _clear
 from hfrecipes.lifecycles.spec import load
+from hfrecipes.report import card, lineage
+from hfrecipes.report import format as report_format
 
 GOLD = {"gold_samples": 8, "gold_every": 1}
 PPO_FAST = {"max_steps": 2, "per_device_train_batch_size": 4, "num_mini_batches": 2, "heldout_max_prompts": 8}
@@ -118,10 +120,10 @@ def test_first_run_makes_every_artifact(first):
 def test_summary_formats_numbers_as_the_card(first):
     run_dir, summary = first
     table = _table((run_dir / "summary.md").read_text())
-    fmt = card.FORMATS
+    fmt = report_format.FORMATS
     for stage in STAGE_IDS:
         rec = json.loads((run_dir / stage / "record.json").read_text())
-        card_row = card.lineage_rows(rec)[0][-1]  # the card's own row for this stage
+        card_row = card.lineage_rows(lineage.lineage_numbers(record.Record.parse(rec)))[0][-1]  # the card's row
         label = stage if stage == rec["stage"] else f"{stage} ({rec['stage']})"
         steps, wall, tokens, flops, dollars, accuracy, own, kinds = table[label]
         assert (steps, wall, tokens, flops, dollars) == (

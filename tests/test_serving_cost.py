@@ -12,8 +12,10 @@ import math
 import pytest
 
 import hfrecipes
-from hfrecipes import card, cli, costs, record
+from hfrecipes import cli, costs, record
 from hfrecipes.errors import UsageError
+from hfrecipes.report import card
+from hfrecipes.report import format as fmt
 from hfrecipes.tiny import TINY_LLAMA
 
 # config.json dicts, and their KV cache per token by hand: 2 (K and V) x layers x KV heads x head dim x bytes
@@ -156,10 +158,10 @@ def test_cli_cost_with_input_and_output_traffic(capsys):
     assert out["serving"]["output_input_price_ratio"] > 1
     assert cli.main(args) == 0
     text = capsys.readouterr().out
-    assert f"$ per 1M input      {costs.format_dollars(out['serving']['dollars_per_million_input_tokens'])}" in text
-    assert f"$ per 1M output     {costs.format_dollars(out['serving']['dollars_per_million_output_tokens'])}" in text
+    assert f"$ per 1M input      {fmt.money(out['serving']['dollars_per_million_input_tokens'])}" in text
+    assert f"$ per 1M output     {fmt.money(out['serving']['dollars_per_million_output_tokens'])}" in text
     assert f"overtakes training   day {costs.overtake_day(life['overtakes_days'])}" in text
-    assert f"serving is {costs.format_share(life['serving_share'])} of the whole cost" in text
+    assert f"serving is {fmt.share(life['serving_share'])} of the whole cost" in text
     assert "1e+09 input + 2e+08 output tokens" in text
 
 
@@ -263,11 +265,11 @@ def test_card_prices_input_and_output_and_states_the_lifetime(served):
     exp, _, stats = served
     text = (exp.output_dir / "README.md").read_text()
     cell = {row[0]: row[1] for row in _rows(text, "| ")}
-    assert cell["dollars per 1M input tokens"] == card._money(stats["dollars_per_million_input_tokens"])
-    assert cell["dollars per 1M output tokens"] == card._money(stats["dollars_per_million_output_tokens"])
+    assert cell["dollars per 1M input tokens"] == fmt.money(stats["dollars_per_million_input_tokens"])
+    assert cell["dollars per 1M output tokens"] == fmt.money(stats["dollars_per_million_output_tokens"])
     assert cell["output / input price"] == f"{stats['output_input_price_ratio']:.3g}x"
     assert "input (prompt, prefill) tokens/s per device (measured)" in cell
-    assert cell["output (generated, decode) tokens/s per device (measured)"] == card._si(
+    assert cell["output (generated, decode) tokens/s per device (measured)"] == fmt.si(
         stats["decode_tokens_per_second"]
     )
     dtype, size = _exported_dtype(exp)
@@ -278,12 +280,12 @@ def test_card_prices_input_and_output_and_states_the_lifetime(served):
     assert cell[fit] == f"{stats['kv_cache']['concurrent_sequences']:,}" and label in fit
 
     rec = record.read_record(exp.output_dir)
-    training = card.lineage_numbers(rec)[1]["dollars"]
+    training = card.lineage_numbers(record.Record.parse(rec)).total["dollars"]
     daily = 5 * stats["dollars_per_million_input_tokens"] + 1 * stats["dollars_per_million_output_tokens"]
     assert "the traffic recorded with this folder's inference run" in text
-    assert f"serving costs {card._money(daily)} a day" in text
+    assert f"serving costs {fmt.money(daily)} a day" in text
     assert f"on day {max(1, math.ceil(training / daily))}" in text
-    assert f"after a year serving is {costs.format_share(365 * daily / (training + 365 * daily))}" in text
+    assert f"after a year serving is {fmt.share(365 * daily / (training + 365 * daily))}" in text
 
 
 def test_card_without_a_recorded_traffic_says_it_uses_the_default(served):
@@ -292,7 +294,7 @@ def test_card_without_a_recorded_traffic_says_it_uses_the_default(served):
     del rec["inference"]["traffic"]
     text = str(card.render(rec))
     assert "hfrecipes' default traffic, `DEFAULT_DAILY_INPUT_TOKENS`" in text
-    assert f"at {card._si(costs.DEFAULT_DAILY_INPUT_TOKENS)} input and" in text
+    assert f"at {fmt.si(costs.DEFAULT_DAILY_INPUT_TOKENS)} input and" in text
 
 
 def test_generate_refuses_a_bad_traffic(tiny_pretrained):

@@ -1,8 +1,9 @@
 """The lifecycle summary: one row per stage read from its record (`Record.parse`), the lifecycle's held-out accuracy
 beside the stage's own held-out evaluation (`metrics.heldout`), the control, export and inference; written as
-`summary.json` (everything), `summary.md` (`cards/summary.md`, numbers formatted by the card's own formatters, so a
-number reads the same in the summary and in the stage's card) and `summary.png` (held-out accuracy by stage, the SFT
-ceiling drawn, the seed spread where there are several seeds).
+`summary.json` (everything), `summary.md` (`cards/summary.md`, numbers summed and formatted by the report layer as the
+card's are, so a number reads the same in the summary and in the stage's card) and `summary.png`
+(`report.plots.summary_chart`: held-out accuracy by stage, the SFT ceiling drawn, the seed spread where there are
+several seeds).
 
 Above the table, one line per claim of the recipe's `claims` block says whether this run's numbers support it: SFT
 reproduces its demonstrations' flaw; RL passes the SFT ceiling; more SFT for the same FLOPs does not; DPO costs less
@@ -15,22 +16,19 @@ its knowledge cutoff and not those after; output tokens cost more than input tok
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 from hfrecipes import record as records
-from hfrecipes.card import FORMATS, cards_root
 from hfrecipes.record import Record
+from hfrecipes.report.card import cards_root
+from hfrecipes.report.format import FORMATS, pct
+from hfrecipes.report.lineage import totals
+from hfrecipes.report.plots import summary_chart
 
 TEMPLATE = "summary"
-SUMMED = ("steps", "wall_seconds", "tokens", "flops", "dollars")
-
-
-def pct(x: float | None) -> str:
-    """A fraction as a percentage; 'n/a' for a number not measured, as the card's formatters write it."""
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+SUMMED = ("steps", "wall_seconds", "tokens", "flops", "dollars")  # the lineage's keys the summary table shows
 
 
 def _gold(r: Record) -> dict[str, Any] | None:
@@ -99,11 +97,8 @@ def build(
     start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary as JSON: the stages' rows, the control's row, export, inference and the stages' total (None
-    where no stage recorded a number, as the card sums its lineage)."""
-    total = {}
-    for key in SUMMED:
-        values = [r[key] for r in rows if r[key] is not None]
-        total[key] = sum(values) if values else None
+    where no stage recorded a number, and `missing`: the stages a total leaves out, by the card's one rule)."""
+    total, missing = totals(rows, SUMMED, name="id")
     summary = {
         "name": life.name,
         "recipe": life.source,
@@ -118,6 +113,7 @@ def build(
         "ran_this_time": ran,
         "wall_seconds_this_time": round(wall_seconds, 1),
         "total": total,
+        "missing": missing,
         "claims_spec": dataclasses.asdict(life.claims) if life.claims else None,
     }
     summary["claims"] = claims(summary)
@@ -328,7 +324,6 @@ def render(summary: dict[str, Any]) -> str:
         parent=stages[control["parent"]] if control else None,
         better=_compare(control, stages[control["matches"]]) if control else None,
         groups=sorted({g for r in summary["stages"] for g in (r.get("by_group") or {})}),
-        pct=pct,
         **FORMATS,
     )
     return text if text.endswith("\n") else text + "\n"
@@ -338,52 +333,8 @@ def write(run_dir: Path, summary: dict[str, Any]) -> None:
     """summary.json (everything), summary.md (the table a person reads), summary.png (accuracy by stage)."""
     records.atomic_write_text(run_dir / "summary.md", render(summary))
     records.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    chart = _chart(summary)
+    chart = summary_chart(summary)
     if chart is not None:
         records.atomic_write_bytes(run_dir / "summary.png", chart)
     else:  # no stage has a held-out accuracy this time: a chart left from an earlier run would show stale numbers
         (run_dir / "summary.png").unlink(missing_ok=True)
-
-
-def _chart(summary: dict[str, Any]) -> bytes | None:
-    """Held-out accuracy by stage: the mean over seeds with its min-max where there are several, the SFT ceiling as
-    a dashed line across, the control in grey beside the stages."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = [summary["start"]] if summary.get("start") else []
-    rows += summary["stages"] + ([summary["control"]] if summary["control"] else [])
-    rows = [r for r in rows if r["heldout_accuracy"] is not None]
-    if not rows:
-        return None
-    seeds = (summary.get("seeds") or {}).get("stages") or {}
-    spec = summary.get("claims_spec") or {}
-    control_id = summary["control"]["id"] if summary["control"] else None
-    fig = Figure(figsize=(7.5, 3.6), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    means = [100 * (seeds[r["id"]]["mean"] if r["id"] in seeds else r["heldout_accuracy"]) for r in rows]
-    colors = ["#999999" if r["id"] == control_id else "#DD8452" if r["id"] in spec.get("rl", []) else "#4C72B0"
-              for r in rows]  # fmt: skip
-    ax.bar([r["id"] for r in rows], means, color=colors)
-    if seeds:
-        low = [m - 100 * seeds[r["id"]]["min"] if r["id"] in seeds else 0 for r, m in zip(rows, means, strict=True)]
-        high = [100 * seeds[r["id"]]["max"] - m if r["id"] in seeds else 0 for r, m in zip(rows, means, strict=True)]
-        ax.errorbar(range(len(rows)), means, yerr=[low, high], fmt="none", ecolor="black", capsize=3, lw=1)
-    for i, v in enumerate(means):
-        ax.text(i, min(v + 2, 101), f"{v:.1f}%", ha="center", fontsize=7)
-    ceiling = next((r for r in rows if r["id"] == spec.get("ceiling")), None)
-    if ceiling is not None:
-        level = means[rows.index(ceiling)]
-        ax.axhline(level, ls="--", color="#C44E52", lw=1)
-        ax.text(len(rows) - 0.5, level + 1.5, f"SFT ceiling {level:.1f}%", ha="right", fontsize=7, color="#C44E52")
-    ax.set_ylabel(f"held-out {summary['metric'] or 'accuracy'} (%)")
-    ax.set_ylim(0, 108)
-    ax.tick_params(axis="x", labelsize=7)
-    n = len((summary.get("seeds") or {}).get("seeds") or [None])
-    spread = f", mean and min-max of {n} seeds" if n > 1 else ", one seed"
-    ax.set_title(f"lifecycle {summary['name']}: held-out accuracy by stage{spread}", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from transformers import Trainer, TrainingArguments
 
-from hfrecipes import card, data, modeling, probe
+from hfrecipes import data, modeling, probe
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
+from hfrecipes.report import card
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import DeviceDefaults, whole_weights

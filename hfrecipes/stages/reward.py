@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import trl
 
-from hfrecipes import card, data, modeling, record
+from hfrecipes import data, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
+from hfrecipes.report import card
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, chat_templates, data, gold, modeling
+from hfrecipes import chat_templates, data, gold, modeling
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
+from hfrecipes.report import card
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads, whole_weights
