@@ -16,6 +16,7 @@ import yaml
 import hfrecipes
 from hfrecipes import cli, record
 from hfrecipes.errors import UsageError
+from hfrecipes.lifecycles import claims as claimed
 from hfrecipes.lifecycles import summary as summaries
 from hfrecipes.lifecycles.runner import _clear
 from hfrecipes.lifecycles.spec import load
@@ -84,13 +85,14 @@ def test_first_run_makes_every_artifact(first):
     keys = [c["key"] for c in summary["claims"]]
     assert {"imitation", "plateau", "past_ceiling", "control", "dpo", "hacking"} <= set(keys), keys
     # each verdict follows from the rows' numbers and the recipe's margins, whichever way this short run came out
-    spec, by_key = summary["claims_spec"], {c["key"]: c for c in summary["claims"]}
-    best_rl = max((rows[i] for i in spec["rl"] if rows.get(i)), key=lambda r: r["heldout_accuracy"])
-    ceiling, control = rows[spec["ceiling"]]["heldout_accuracy"], summary["control"]["heldout_accuracy"]
+    declared, by_key = {c["key"]: c for c in summary["claims_spec"]}, {c["key"]: c for c in summary["claims"]}
+    past, beats_control = declared["past_ceiling"], declared["control"]
+    best_rl = max((rows[i] for i in past["best_of"] if rows.get(i)), key=lambda r: r["heldout_accuracy"])
+    ceiling, control = rows[past["over"]]["heldout_accuracy"], summary["control"]["heldout_accuracy"]
     gain = best_rl["heldout_accuracy"] - ceiling
-    assert by_key["past_ceiling"]["supported"] is (gain >= spec["rl_margin"] - 1e-9), by_key["past_ceiling"]
+    assert by_key["past_ceiling"]["supported"] is (gain >= past["margin"] - 1e-9), by_key["past_ceiling"]
     lead = best_rl["heldout_accuracy"] - control
-    assert by_key["control"]["supported"] is (lead >= spec["control_margin"] - 1e-9), by_key["control"]
+    assert by_key["control"]["supported"] is (lead >= beats_control["margin"] - 1e-9), by_key["control"]
     assert best_rl["id"] in by_key["past_ceiling"]["text"] and all(c["text"] for c in summary["claims"])
     assert rows["ppo_rm"]["gold"]["checks"] >= 2 and rows["sft"]["gold"]["checks"] >= 2
     ppo = json.loads((run_dir / "ppo" / "record.json").read_text())
@@ -139,7 +141,7 @@ def test_summary_formats_numbers_as_the_card(first):
             if heldout["before"] is not None:
                 assert f"{fmt['num'](heldout['before'])} -> {fmt['num'](heldout['after'])}" in own
     rows = {r["id"]: r for r in summary["stages"]}
-    assert table["sft"][5] == summaries.pct(rows["sft"]["heldout_accuracy"])
+    assert table["sft"][5] == report_format.pct(rows["sft"]["heldout_accuracy"])
     total = table["**total (the stages, without the control)**"]
     assert total[1] == f"**{fmt['duration'](sum(r['wall_seconds'] for r in rows.values()))}**"
 
@@ -198,8 +200,8 @@ def test_control_of_another_stage_runs_and_is_summarised_with_it(first, spec, tm
     md = (copied / "summary.md").read_text()
     paragraph = " ".join(md[md.index("## Honest control") :].split("\n\n")[1].split())
     assert "the grpo recipe `tiny/grpo`" in paragraph and "SFT" not in paragraph and "sft" not in paragraph
-    assert f"`grpo`, where the control started, had {summaries.pct(rows['grpo']['heldout_accuracy'])}" in paragraph
-    assert f"against {summaries.pct(rows['dpo']['heldout_accuracy'])} for `dpo`" in paragraph
+    assert f"`grpo`, where the control started, had {report_format.pct(rows['grpo']['heldout_accuracy'])}" in paragraph
+    assert f"against {report_format.pct(rows['dpo']['heldout_accuracy'])} for `dpo`" in paragraph
 
 
 def _synthetic_summary(stage: str, matched: str, accuracies: dict[str, float]) -> dict:
@@ -252,8 +254,8 @@ def test_control_paragraph_names_its_own_stage_and_parent(stage, matched, contro
     paragraph = " ".join(md[md.index("## Honest control") :].split("\n\n")[1].split())
     assert "SFT" not in paragraph and "`sft`" not in paragraph and "25.0%" not in paragraph, paragraph
     assert f"the {stage} recipe `tiny/{stage}`" in paragraph
-    assert f"`{stage}`, where the control started, had {summaries.pct(accuracies[stage])}" in paragraph
-    assert f"against {summaries.pct(accuracies[matched])} for `{matched}`" in paragraph
+    assert f"`{stage}`, where the control started, had {report_format.pct(accuracies[stage])}" in paragraph
+    assert f"against {report_format.pct(accuracies[matched])} for `{matched}`" in paragraph
     assert verdict in paragraph
     assert f"| {stage}_more ({stage}) | 10 | 60.0 s |" in md
 
@@ -287,9 +289,19 @@ BAD_LIFECYCLES = [
     ("control", "parent", "sfx", ["control", "parent 'sfx'"]),
     ("control", "match_flops_of", "grpx", ["control", "match_flops_of 'grpx'"]),
     ("control", "match_wall_time_of", "grpo", ["control", "exactly one of match_flops_of", "match_wall_time_of"]),
-    ("claims", "rl", ["grpo", "nope"], ["claims", "['nope']"]),
-    ("claims", "rl_margn", 0.2, ["claims", "rl_margn", "rl_margin"]),
-    ("evaluation", "group_column", None, ["claims", "group_column"]),
+    (("claims", 2), "best_of", ["grpo", "nope"], ["claims[2] (beats)", "best_of ['nope']", "sft_more"]),
+    (("claims", 2), "margn", 0.2, ["claims[2] (beats)", "'margn'", "Did you mean 'margin'"]),
+    (("claims", 2), "margin", 15, ["claims[2] (beats)", "margin", "15", "from -1 to 1"]),
+    (("claims", 2), "kind", "beat", ["claims[2]", "'beat'", "not a claim kind", "Did you mean 'beats'"]),
+    (("claims", 2), "kind", DELETE, ["claims[2]", "'kind' is missing", "group_gap"]),
+    (("claims", 2), "text", "RL wins by {gain}.", ["claims[2] (beats)", "text has {gain}", "{lead}"]),
+    (("claims", 2), "text", "RL wins by {lead:.1f}.", ["claims[2] (beats)", "text does not format"]),
+    (("claims", 5), "text_unflagged", DELETE, ["claims[5] (catches_hacking)", "'text_unflagged' is missing"]),
+    (("claims", 6), "min_before", 2, ["claims[6] (cutoff)", "min_before", "from 0 to 1"]),
+    (("claims", 1), "key", "imitation", ["claims[1] (plateau)", "'imitation' is used twice"]),
+    ((), "claims", {"ceiling": "sft"}, ["claims", "expected a list of claims"]),
+    ((), "control", DELETE, ["claims[3] (beats_control)", "no 'control' block"]),
+    ("evaluation", "group_column", None, ["claims[0] (group_gap)", "group_column"]),
     ("control", "stage", "sfft", ["control", "'stage'", "'sfft'"]),
     ("control", "overrides", {"learning_rat": 1.0}, ["control", "learning_rat", "learning_rate"]),
     ("evaluation", "max_new_tokens", "ten", ["evaluation", "max_new_tokens", "int"]),
@@ -301,10 +313,13 @@ BAD_LIFECYCLES = [
 @pytest.mark.parametrize("block, key, value, words", BAD_LIFECYCLES, ids=lambda x: str(x)[:30])
 def test_check_refuses_a_bad_lifecycle_before_anything_runs(spec, tmp_path, capsys, block, key, value, words):
     spec = copy.deepcopy(spec)
+    target = spec
+    for part in block if isinstance(block, tuple) else (block,):
+        target = target[part]
     if value is DELETE:
-        del spec[block][key]
+        del target[key]
     else:
-        spec[block][key] = value
+        target[key] = value
     path = tmp_path / "lifecycle.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert cli.main(["check", str(path)]) == 2
@@ -363,17 +378,26 @@ def test_never_deletes_outside_the_run_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------ claims and seeds
 
-CLAIMS = {
-    "ceiling": "sft", "rl": ["grpo"], "rl_margin": 0.15, "control_margin": 0.10, "flaw_group": "carry",
-    "clean_group": "no_carry", "flaw_margin": 0.20, "dpo": "dpo", "rlhf": ["sft"], "hacking": None, "cutoff": None,
-}  # fmt: skip
+
+def _declared(**changed: dict) -> list[claimed.Claim]:
+    """The tiny lifecycle's claims as its recipe declares them, with fields changed by claim key."""
+    from hfrecipes.recipe import load_yaml, resolve_recipe
+
+    out = []
+    for item in load_yaml(resolve_recipe("tiny/lifecycle"))["claims"]:
+        fields = {k: v for k, v in item.items() if k != "kind"} | changed.get(item["key"], {})
+        out.append(claimed.KINDS[item["kind"]](**fields))
+    return out
+
+
+# the tiny claims on the synthetic summary's three stages: RL is `grpo`, and `sft` stands for reward model + PPO
+CLAIMS = _declared(past_ceiling={"best_of": ["grpo"]}, control={"best_of": ["grpo"]}, dpo={"than": ["sft"]})
 
 
 def _claimed(accuracies: dict[str, float], by_group: dict[str, float]) -> dict[str, dict]:
     summary = _synthetic_summary("sft", "grpo", accuracies)
     summary["stages"][0]["by_group"] = by_group
-    summary["claims_spec"] = CLAIMS
-    return {c["key"]: c for c in summaries.claims(summary)}
+    return {c["key"]: c for c in claimed.evaluate(CLAIMS, summary)}
 
 
 @pytest.mark.parametrize(
@@ -394,12 +418,140 @@ def test_imitation_claim_fails_when_the_flaw_is_not_reproduced():
     assert got["imitation"]["supported"] is False
 
 
-def test_summary_over_seeds_gives_mean_and_min_max_and_each_claims_count():
+def _row(stage_id: str, stage: str, accuracy: float | None, **more) -> dict:
+    return {"id": stage_id, "stage": stage, "run_id": stage_id, "steps": 100, "wall_seconds": 61.5, "tokens": 2.5e5,
+            "flops": 3.1e12, "dollars": 0.004, "heldout_accuracy": accuracy, "by_group": None, "heldout": None,
+            "gold": None, "probe": None, **more}  # fmt: skip
+
+
+def _recorded() -> dict:
+    """A summary of the tiny lifecycle as `summaries.build` writes it: every stage, the control and inference, the
+    SFT stage stopped at its plateau, `ppo_rm` flagged and stopped by its gold check, the pretrain stage's probe."""
+    probe = {"cutoff": "2024-06-30", "before": {"known": 14, "total": 24, "accuracy": 14 / 24},
+             "after": {"known": 2, "total": 12, "accuracy": 2 / 12}, "chance": 1 / 6,
+             "top_choice": {"choice": "Paris", "rows": 20, "total": 36}}  # fmt: skip
+    plateau = {"metric": "accuracy", "best": {"step": 150, "gold": 0.41}, "hacking": None, "stopped": "plateau",
+               "kept_step": 150, "every": 50, "checks": 5}  # fmt: skip
+    flag = {"step": 40, "proxy": 2.31, "proxy_at_best": 0.52, "gold": 0.12, "best_gold": 0.45}
+    hacked = {"metric": "accuracy", "best": {"step": 20, "gold": 0.45}, "hacking": flag, "stopped": "reward_hacking",
+              "kept_step": 20, "every": 10, "checks": 4}  # fmt: skip
+    stages = [
+        _row("pretrain", "pretrain", 0.0, probe=probe),
+        _row("sft", "sft", 0.43, by_group={"carry": 0.12, "no_carry": 0.71}, gold=plateau, steps=200),
+        _row("reward", "reward", None, flops=1.2e12, wall_seconds=30.0),
+        _row("ppo", "ppo", 0.52, flops=4.4e12),
+        _row("ppo_rm", "ppo", 0.30, gold=hacked),
+        _row("dpo", "dpo", 0.47, flops=2.0e12),
+        _row("grpo", "grpo", 0.68, flops=8.8e12),
+    ]
+    control = {**_row("sft_more", "sft", 0.45), "parent": "sft", "recipe": "tiny/sft", "matches": "grpo",
+               "budget": "flops", "planned_steps": 300, "parent_per_step": 1.5e10}  # fmt: skip
+    inference = {"engine": "transformers", "dollars_per_million_output_tokens": 0.41,
+                 "dollars_per_million_input_tokens": 0.02, "output_input_price_ratio": 20.5}  # fmt: skip
+    return {"name": "tiny", "stages": stages, "control": control, "export": None, "inference": inference}
+
+
+# The lines summary.md printed for `_recorded()` before the claims moved into the recipe, word for word.
+TINY_LINES = [
+    ("imitation", True, "SFT imitates its demonstrations, flaw included: `sft` scores 12.0% on carry problems, where "
+     "its demonstrations are flawed, and 71.0% on no_carry problems (a gap of at least 20.0 points expected)."),
+    ("plateau", True, "SFT trained to its plateau: validation accuracy stopped improving (best 41.0% at step 150); it "
+     "stopped at step 200."),
+    ("past_ceiling", True, "RL passes the SFT ceiling: `grpo` reaches 68.0% against `sft`'s 43.0%, +25.0 points "
+     "(target +15.0 points)."),
+    ("control", True, "More SFT does not get there: the control `sft_more` spent `grpo`'s training FLOPs (3.1 T "
+     "FLOPs, 61.5 s) on more imitation and reached 45.0%; `grpo` leads it by +23.0 points (target +10.0 points)."),
+    ("dpo", True, "DPO aligns for less: `dpo` took 2 T FLOPs and 61.5 s to reach 47.0%; `reward` + `ppo` took 5.6 T "
+     "FLOPs and 91.5 s to reach 52.0%."),
+    ("hacking", True, "A reward model can be gamed, and the gold check catches it: `ppo_rm` (PPO against the reward "
+     "model alone) raised its proxy reward to 2.31 (from 0.52 at its best gold check) while gold accuracy fell from "
+     "45.0% to 12.0%; flagged at step 40, training stopped, the weights of step 20 kept; held-out 30.0%."),
+    ("cutoff", True, "Nothing after the cutoff is known: `pretrain` (cutoff 2024-06-30) knows 14/24 facts dated "
+     "before it and 2/12 dated after (chance 16.7%; supported when at least half before and at most twice chance "
+     "after)."),
+    ("output_tokens", True, "Output tokens cost more than input tokens: serving the export (transformers), a "
+     "generated token costs $0.41 per million, a prompt token $0.02: 20.5x (decode runs a step per token; prefill "
+     "reads a whole prompt in one)."),
+]  # fmt: skip
+
+
+def test_tiny_recipe_claims_read_as_they_always_have():
+    """The tiny lifecycle's recipe, parsed by `load` and checked by the generic kinds, says what summary.md said
+    when the claims were code: the same keys in the same order, the same verdicts, the same words."""
+    life = load("tiny/lifecycle")
+    got = [(c["key"], c["supported"], c["text"]) for c in claimed.evaluate(life.claims, _recorded())]
+    assert got == TINY_LINES
+    assert [c["kind"] for c in (claimed.as_dict(c) for c in life.claims)][:3] == ["group_gap", "plateau", "beats"]
+
+
+def _set(summary: dict, path: tuple, value) -> None:
+    """Set a value in a summary by (stage or control id, or 'inference', then keys); one part replaces the block."""
+    if path[0] == "inference" and len(path) == 1:
+        summary["inference"] = value
+        return
+    rows = {r["id"]: r for r in summary["stages"] + [summary["control"]]}
+    target = summary["inference"] if path[0] == "inference" else rows[path[0]]
+    for part in path[1:-1]:
+        target = target[part]
+    target[path[-1]] = value
+
+
+ABSENT = "left out"  # the claim's stage recorded nothing it reads
+KIND_VERDICTS = [
+    # (claim key, where in the summary, new value, verdict): each kind True on `_recorded()`, then False and None
+    ("imitation", ("sft", "by_group", "carry"), 0.6, False),
+    ("imitation", ("sft", "by_group", "carry"), None, None),
+    ("plateau", ("sft", "gold", "stopped"), "max_steps", False),
+    ("plateau", ("sft", "gold"), None, ABSENT),
+    ("past_ceiling", ("grpo", "heldout_accuracy"), 0.5, False),
+    ("past_ceiling", ("sft", "heldout_accuracy"), None, ABSENT),
+    ("control", ("sft_more", "heldout_accuracy"), 0.6, False),
+    ("control", ("sft_more", "heldout_accuracy"), None, ABSENT),
+    ("dpo", ("dpo", "flops"), 9e12, False),
+    ("dpo", ("reward", "flops"), None, None),
+    ("hacking", ("ppo_rm", "gold", "hacking"), None, False),
+    ("hacking", ("ppo_rm", "gold"), None, None),
+    ("cutoff", ("pretrain", "probe", "after", "accuracy"), 0.5, False),
+    ("cutoff", ("pretrain", "probe", "chance"), None, None),
+    ("output_tokens", ("inference", "output_input_price_ratio"), 0.9, False),
+    ("output_tokens", ("inference",), None, ABSENT),
+]
+
+
+@pytest.mark.parametrize("key, path, value, verdict", KIND_VERDICTS, ids=lambda x: str(x)[:24])
+def test_each_claim_kind_is_true_false_or_not_measured(key, path, value, verdict):
+    assert {c["key"]: c["supported"] for c in claimed.evaluate(_declared(), _recorded())}[key] is True
+    summary = _recorded()
+    _set(summary, path, value)
+    got = {c["key"]: c for c in claimed.evaluate(_declared(), summary)}
+    if verdict == ABSENT:
+        assert key not in got, got.get(key)
+    else:
+        assert got[key]["supported"] is verdict, got[key]
+        assert "{" not in got[key]["text"] and "None%" not in got[key]["text"], got[key]["text"]
+
+
+def test_a_claims_text_takes_every_placeholder_its_kind_fills():
+    """Each kind's WORDS are exactly the names it fills: a text naming all of them renders each one."""
+    summary = _recorded()
+    _set(summary, ("pretrain", "probe", "top_choice", "rows"), 34)  # one answer tops nearly every fact
+    for claim in _declared():
+        for name, words in claim.WORDS.items():
+            setattr(claim, name, " ".join(f"<{{{w}}}>" for w in words))
+        if isinstance(claim, claimed.CatchesHacking):  # its other text, when nothing was flagged
+            unflagged = copy.deepcopy(summary)
+            _set(unflagged, ("ppo_rm", "gold", "hacking"), None)
+            assert "<4>" in claimed.evaluate([claim], unflagged)[0]["text"]
+        text = claimed.evaluate([claim], summary)[0]["text"]
+        assert "<>" not in text and text.count("<") == len(claim.WORDS["text"]), (claim.key, text)
+
+
+def test_summary_over_seeds_gives_mean_and_min_max_and_each_claims_count(tmp_path):
     runs = []
     for grpo in (0.9, 0.8, 0.7):
         s = _synthetic_summary("sft", "grpo", {"sft": 0.6, "dpo": 0.7, "grpo": grpo, "control": 0.62})
-        s["claims_spec"] = CLAIMS
-        s["claims"] = summaries.claims(s)
+        s["claims_spec"] = [claimed.as_dict(c) for c in CLAIMS]  # as summary.json holds them; the chart reads them
+        s["claims"] = claimed.evaluate(CLAIMS, s)
         runs.append(s)
     out = summaries.with_seeds(runs[0], runs, [42, 43, 44])
     grpo = out["seeds"]["stages"]["grpo"]
@@ -408,6 +560,8 @@ def test_summary_over_seeds_gives_mean_and_min_max_and_each_claims_count():
     md = summaries.render(out)
     assert "## Over 3 seeds" in md and "| grpo | 80.0% (70.0%-90.0%) |" in md
     assert "(Supported on 2 of 3 seeds.)" in md
+    summaries.write(tmp_path, out)
+    assert (tmp_path / "summary.md").read_text() == md and (tmp_path / "summary.png").stat().st_size > 1000
 
 
 def test_seeds_add_runs_beside_the_first(first, recipe, tmp_path):

@@ -1,6 +1,8 @@
 """The lifecycle recipe as dataclasses, checked in full before anything runs: its own keys by the strict checker the
-stage recipes use (unknown keys are errors with a did-you-mean, wrong types name the field and the file), the
-references between its blocks, and every stage recipe with its overrides, the control's included.
+stage recipes use (unknown keys are errors with a did-you-mean, wrong types name the field and the file), each
+field's bounds and the stage ids it must name by its metadata, the rules between blocks by the `RULES` and `NEEDS`
+tables, the claims (`claims.KINDS`) with the placeholders of their text, and every stage recipe with its overrides,
+the control's included.
 
     hfrecipes check tiny/lifecycle
 """
@@ -9,12 +11,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import importlib
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hfrecipes.errors import UsageError
+from hfrecipes.lifecycles.claims import KINDS, Claim, kind_of
 from hfrecipes.recipe import check_values, load_yaml, resolve_recipe
 from hfrecipes.stages import STAGES, facts
 
@@ -58,8 +64,10 @@ class EvaluationSpec:
     prompt_column: str = "prompt"
     answer_column: str = "answer"
     metric: str = "answer_accuracy"
-    max_new_tokens: int = 32
-    samples: int | None = field(default=None, metadata={"help": "evaluate on the first N rows only"})
+    max_new_tokens: int = field(default=32, metadata={"range": (1, None)})
+    samples: int | None = field(
+        default=None, metadata={"range": (1, None), "help": "evaluate on the first N rows only"}
+    )
     group_column: str | None = field(
         default=None, metadata={"help": "a column of kinds of problem (e.g. `kind`): accuracy also by kind"}
     )
@@ -69,17 +77,19 @@ class EvaluationSpec:
 class ExportSpec:
     """Export of the candidate with the best held-out accuracy to `<run_dir>/export`."""
 
-    candidates: list[str] = field(metadata={"help": "ids of the stages to choose the exported model from"})
-    dtype: str = "auto"
+    candidates: list[str] = field(
+        metadata={"refs": "scored", "min_items": 1, "help": "the ids of the stages to choose the exported model from"}
+    )
+    dtype: str = field(default="auto", metadata={"one_of": ("hfrecipes.exporting", "DTYPES")})
 
 
 @dataclass
 class InferenceSpec:
     """Batched generation by the exported model on the evaluation split's prompts."""
 
-    max_new_tokens: int = 32
-    samples: int | None = field(default=None, metadata={"help": "the first N prompts only"})
-    engine: str = "auto"
+    max_new_tokens: int = field(default=32, metadata={"range": (1, None)})
+    samples: int | None = field(default=None, metadata={"range": (1, None), "help": "the first N prompts only"})
+    engine: str = field(default="auto", metadata={"one_of": ("hfrecipes.inference", "ENGINES")})
 
 
 @dataclass
@@ -90,9 +100,13 @@ class ControlSpec:
 
     id: str
     recipe: str
-    parent: str
-    match_flops_of: str | None = field(default=None, metadata={"help": "a stage id whose training FLOPs to spend"})
-    match_wall_time_of: str | None = field(default=None, metadata={"help": "a stage id whose wall time to fill"})
+    parent: str = field(metadata={"refs": "stage"})
+    match_flops_of: str | None = field(
+        default=None, metadata={"refs": "stage", "help": "a stage id whose training FLOPs to spend"}
+    )
+    match_wall_time_of: str | None = field(
+        default=None, metadata={"refs": "stage", "help": "a stage id whose wall time to fill"}
+    )
     stage: str = field(default="sft", metadata={"choices": tuple(STAGES)})
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -114,28 +128,6 @@ class ControlSpec:
         )
 
 
-@dataclass
-class ClaimsSpec:
-    """What the summary checks this run against: one line per claim saying whether the numbers support it. A claim
-    whose stages are unset is not checked."""
-
-    ceiling: str | None = field(default=None, metadata={"help": "the SFT stage whose accuracy is the ceiling"})
-    rl: list[str] = field(default_factory=list, metadata={"help": "RL stages expected to pass the ceiling"})
-    rl_margin: float = field(default=0.15, metadata={"help": "the best RL stage's lead over the ceiling"})
-    control_margin: float = field(default=0.10, metadata={"help": "the best RL stage's lead over the control"})
-    flaw_group: str | None = field(default=None, metadata={"help": "the kind of problem the demonstrations get wrong"})
-    clean_group: str | None = field(default=None, metadata={"help": "the kind they get right"})
-    flaw_margin: float = field(default=0.20, metadata={"help": "how far below the clean kind the flawed one stays"})
-    dpo: str | None = field(default=None, metadata={"help": "the DPO stage, compared with reward model + PPO"})
-    rlhf: list[str] = field(default_factory=list, metadata={"help": "the reward-model and PPO stages beside it"})
-    hacking: str | None = field(default=None, metadata={"help": "the stage whose gold check should catch hacking"})
-    cutoff: str | None = field(default=None, metadata={"help": "the stage whose knowledge probe shows the cutoff"})
-
-    def ids(self) -> list[str]:
-        one = [self.ceiling, self.dpo, self.hacking, self.cutoff]
-        return [i for i in one if i] + list(self.rl) + list(self.rlhf)
-
-
 SEEDS_DIR = "seeds"  # where `--seeds N` runs every seed after the first: <run_dir>/seeds/<seed>/
 
 
@@ -150,7 +142,7 @@ class Lifecycle:
     export: ExportSpec | None = None
     inference: InferenceSpec | None = None
     control: ControlSpec | None = None
-    claims: ClaimsSpec | None = None
+    claims: list[Claim] = field(default_factory=list, metadata={"help": "what the summary checks: kind, key, text"})
     source: str = field(default="", init=False)  # the recipe file, for messages and the summary
 
     @property
@@ -168,9 +160,86 @@ class Lifecycle:
 
 # ----------------------------------------------------------------------------------------------------- checks
 
+# The ids a field's `refs` metadata names, as its message calls one of them and several (`load` lists them).
+REFS = {
+    "stage": ("a stage id", "stage ids of this lifecycle"),
+    "scored": ("the id of a causal-LM stage", "ids of causal-LM stages of this lifecycle"),
+    "any": ("a stage id", "stage ids of this lifecycle"),
+}
 
-def _block(cls, raw: Any, where: str):
-    """One block of the recipe as its dataclass: keys and value types by the stage recipes' strict checker."""
+# Rules between blocks: (broken by this lifecycle?, the message after the file's name).
+RULES = (
+    (
+        lambda life: (
+            life.control and (life.control.match_flops_of is None) == (life.control.match_wall_time_of is None)
+        ),
+        "control: set exactly one of match_flops_of (the same training FLOPs) and match_wall_time_of (the same wall "
+        "time), naming the stage to match.",
+    ),
+    (
+        lambda life: life.export and len(set(life.export.candidates)) > 1 and not life.evaluation.dataset_name,
+        "export: the best of several candidates is chosen by held-out accuracy, but 'evaluation' has no dataset_name; "
+        "set one, or name a single candidate.",
+    ),
+    (
+        lambda life: life.inference and not life.export,
+        "inference serves the exported model; add an 'export' block with candidates.",
+    ),
+    (
+        lambda life: life.inference and not life.evaluation.dataset_name,
+        "inference answers the evaluation split's prompts; set evaluation: dataset_name.",
+    ),
+)
+
+# What a claim kind's `NEEDS` names: (present in this lifecycle?, the message after the claim's place).
+NEEDS = {
+    "heldout": (
+        lambda life: life.evaluation.dataset_name,
+        "it compares held-out accuracy, but 'evaluation' has no dataset_name; set one.",
+    ),
+    "group_column": (
+        lambda life: life.evaluation.group_column,
+        "it compares kinds of problem, but 'evaluation' has no group_column; set one (e.g. kind).",
+    ),
+    "control": (lambda life: life.control, "it reads the honest control, but there is no 'control' block; add one."),
+    "inference": (
+        lambda life: life.inference,
+        "it reads the export's serving prices, but there is no 'inference' block; add one.",
+    ),
+}
+
+
+def _expected(value: float, low: float | None, high: float | None) -> str:
+    kind = "an integer" if isinstance(value, int) else "a number"
+    return f"{kind} >= {low}" if high is None else f"{kind} from {low} to {high}"
+
+
+def _check_field(f: dataclasses.Field, value: Any, where: str, ids: dict[str, Any]) -> None:
+    """One field's value against its metadata: `range` (lowest, highest; None is open), `one_of` (a module's tuple,
+    imported only for a block that is there), `min_items`, and `refs` (the kind of stage id it names)."""
+    meta, name = f.metadata, f.name
+    low, high = meta.get("range", (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UsageError(f"{where}: {name} has value {value!r}, expected {_expected(value, low, high)}.")
+    if "one_of" in meta:
+        module, attr = meta["one_of"]
+        allowed = getattr(importlib.import_module(module), attr)
+        if value not in allowed:
+            raise UsageError(f"{where}: {name} has value {value!r}, expected one of {list(allowed)}.")
+    if meta.get("min_items") and not value:
+        raise UsageError(f"{where}: '{name}' is empty; list {meta['help']}.")
+    if "refs" in meta:
+        one, several = REFS[meta["refs"]]
+        allowed = ids[meta["refs"]]() if callable(ids[meta["refs"]]) else ids[meta["refs"]]
+        if isinstance(value, str) and value not in allowed:
+            raise UsageError(f"{where}: {name} '{value}' is not {one} ({', '.join(allowed)}).")
+        if isinstance(value, list) and (bad := [v for v in value if v not in allowed]):
+            raise UsageError(f"{where}: {name} {bad} are not {several} ({', '.join(allowed)}).")
+
+
+def _block(cls, raw: Any, where: str, ids: dict[str, Any] | None = None):
+    """One block of the recipe as its dataclass: keys and value types by the stage recipes' strict checker, then
+    each field by its metadata (`_check_field`)."""
     if not isinstance(raw, dict):
         names = ", ".join(f.name for f in dataclasses.fields(cls) if f.init)
         raise UsageError(f"{where}: expected a mapping with keys among {names}, got {type(raw).__name__}.")
@@ -179,17 +248,15 @@ def _block(cls, raw: Any, where: str):
         required = f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and f.name not in values:
             raise UsageError(f"{where}: '{f.name}' is missing ({f.metadata.get('help', 'required')}).")
-    return cls(**values)
+    block = cls(**values)
+    for f in dataclasses.fields(cls):
+        if f.init and getattr(block, f.name) is not None:
+            _check_field(f, getattr(block, f.name), where, ids or {})
+    return block
 
 
-def _positive(value: int | None, where: str) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{where} has value {value!r}, expected an integer >= 1.")
-
-
-def _one_of(value: str, allowed: tuple[str, ...], where: str) -> None:
-    if value not in allowed:
-        raise UsageError(f"{where} has value {value!r}, expected one of {list(allowed)}.")
+def _optional(cls, raw: dict[str, Any], key: str, src: str, ids: dict[str, Any]):
+    return None if raw.get(key) is None else _block(cls, raw[key], f"{src}: {key}", ids)
 
 
 def _id(value: str, where: str, taken: set[str]) -> None:
@@ -199,6 +266,63 @@ def _id(value: str, where: str, taken: set[str]) -> None:
         raise UsageError(
             f"{where}: id '{value}' cannot name a stage folder; use a plain name other than 'export' and 'seeds'."
         )
+
+
+def _stages(raw: Any, src: str) -> list[StageSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(f"{src}: 'stages' is missing or empty; list the stages to run, each with stage and recipe.")
+    stages: list[StageSpec] = []
+    for i, item in enumerate(raw):
+        spec = _block(StageSpec, item, f"{src}: stages[{i}]")
+        spec.id = spec.id or spec.stage
+        _id(spec.id, f"{src}: stages[{i}]", {s.id for s in stages})
+        stages.append(spec)
+    return stages
+
+
+def _text(claim: Claim, where: str) -> None:
+    """Each text of the claim formats with the placeholders its kind fills, and with no other."""
+    for name, words in claim.WORDS.items():
+        text = getattr(claim, name)
+        try:
+            used = sorted({f for _, f, _, _ in string.Formatter().parse(text) if f is not None} - set(words))
+            if not used:
+                text.format(**dict.fromkeys(words, ""))
+        except (ValueError, IndexError) as e:
+            raise UsageError(
+                f"{where}: {name} does not format ({e}); write a literal brace twice: {{{{ }}}}."
+            ) from None
+        if used:
+            named = ", ".join(f"{{{w}}}" for w in used)
+            raise UsageError(
+                f"{where}: {name} has {named}, which this kind does not fill; it fills "
+                f"{', '.join(f'{{{w}}}' for w in words)}."
+            )
+
+
+def _claims(raw: Any, src: str, ids: dict[str, Any]) -> list[Claim]:
+    """The `claims:` list, each claim as its kind's dataclass (`claims.KINDS`); keys unique, texts formatting."""
+    if not isinstance(raw, list):
+        raise UsageError(
+            f"{src}: claims: expected a list of claims, each a mapping with kind, key and text; "
+            f"got {type(raw).__name__}."
+        )
+    claims: list[Claim] = []
+    for i, item in enumerate(raw):
+        where = f"{src}: claims[{i}]"
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind not in KINDS:
+            close = difflib.get_close_matches(str(kind), list(KINDS), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            got = "'kind' is missing" if kind is None else f"kind {kind!r} is not a claim kind"
+            raise UsageError(f"{where}: {got}; expected a mapping with kind, one of {list(KINDS)}.{hint}")
+        where = f"{where} ({kind})"
+        claim = _block(KINDS[kind], {k: v for k, v in item.items() if k != "kind"}, where, ids)
+        _text(claim, where)
+        if claim.key in {c.key for c in claims}:
+            raise UsageError(f"{where}: key '{claim.key}' is used twice; every claim needs its own.")
+        claims.append(claim)
+    return claims
 
 
 def _extra_overrides(extra: Any, known: set[str], src: str) -> dict[str, dict[str, Any]]:
@@ -213,6 +337,23 @@ def _extra_overrides(extra: Any, known: set[str], src: str) -> dict[str, dict[st
         if not isinstance(value, dict):
             raise UsageError(f"overrides['{key}']: expected a mapping of recipe keys to values, got {value!r}.")
     return extra
+
+
+def _merge_overrides(life: Lifecycle, overrides: Any) -> None:
+    """`--set` values over the recipe's own overrides; then every `{id}` placeholder names an earlier stage."""
+    stages, control, src = life.stages, life.control, life.source
+    ids = [s.id for s in stages]
+    extra = _extra_overrides(overrides, set(ids) | ({control.id} if control else set()), src)
+    for spec in stages + ([control] if control else []):
+        spec.overrides = {**spec.overrides, **extra.get(EVERY_STAGE, {}), **extra.get(spec.id, {})}
+    for i, spec in enumerate(stages):
+        missing = spec.refs() - set(ids[:i])
+        if missing:
+            raise UsageError(
+                f"{src}: stages[{i}]: '{spec.id}' refers to {sorted(missing)}, which no earlier stage defines."
+            )
+    if control and (missing := {_placeholder(v) for v in control.overrides.values()} - {None} - set(ids)):
+        raise UsageError(f"{src}: control: its overrides refer to {sorted(missing)}, which are not stage ids.")
 
 
 def load(
@@ -232,113 +373,41 @@ def load(
     src = str(path)
     raw = load_yaml(path)
     top = check_values(raw, (Lifecycle,), src)
-    if not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise UsageError(f"{src}: 'stages' is missing or empty; list the stages to run, each with stage and recipe.")
-
-    stages: list[StageSpec] = []
-    for i, item in enumerate(raw["stages"]):
-        spec = _block(StageSpec, item, f"{src}: stages[{i}]")
-        spec.id = spec.id or spec.stage
-        _id(spec.id, f"{src}: stages[{i}]", {s.id for s in stages})
-        stages.append(spec)
-    ids = [s.id for s in stages]
-
-    control = None
-    if raw.get("control") is not None:
-        control = _block(ControlSpec, raw["control"], f"{src}: control")
+    stages = _stages(raw.get("stages"), src)
+    # the stages an export may name: asked only when one is named, as a stage's facts import its module
+    ids = {"stage": [s.id for s in stages], "scored": lambda: [s.id for s in stages if facts(s.stage).scored]}
+    control = _optional(ControlSpec, raw, "control", src, ids)
     if control:
-        _id(control.id, f"{src}: control", set(ids))
-        if (control.match_flops_of is None) == (control.match_wall_time_of is None):
-            raise UsageError(
-                f"{src}: control: set exactly one of match_flops_of (the same training FLOPs) and "
-                "match_wall_time_of (the same wall time), naming the stage to match."
-            )
-        for key in ("parent", "match_flops_of", "match_wall_time_of"):
-            value = getattr(control, key)
-            if value is not None and value not in ids:
-                raise UsageError(f"{src}: control: {key} '{value}' is not a stage id ({', '.join(ids)}).")
-
-    extra = _extra_overrides(overrides, set(ids) | ({control.id} if control else set()), src)
-    for spec in stages + ([control] if control else []):
-        spec.overrides = {**spec.overrides, **extra.get(EVERY_STAGE, {}), **extra.get(spec.id, {})}
-    for i, spec in enumerate(stages):  # placeholders checked after the overrides are merged: --set can add them
-        missing = spec.refs() - set(ids[:i])
-        if missing:
-            raise UsageError(
-                f"{src}: stages[{i}]: '{spec.id}' refers to {sorted(missing)}, which no earlier stage defines."
-            )
-    if control and (missing := {_placeholder(v) for v in control.overrides.values()} - {None} - set(ids)):
-        raise UsageError(f"{src}: control: its overrides refer to {sorted(missing)}, which are not stage ids.")
-
-    evaluation = _block(EvaluationSpec, raw.get("evaluation") or {}, f"{src}: evaluation")
-    _positive(evaluation.max_new_tokens, f"{src}: evaluation: max_new_tokens")
-    _positive(evaluation.samples, f"{src}: evaluation: samples")
-
-    export = None
-    if raw.get("export") is not None:
-        export = _block(ExportSpec, raw["export"], f"{src}: export")
-        from hfrecipes.exporting import DTYPES
-
-        _one_of(export.dtype, DTYPES, f"{src}: export: dtype")
-        if not export.candidates:
-            raise UsageError(f"{src}: export: 'candidates' is empty; list the stage ids to choose the export from.")
-        exportable = [s.id for s in stages if facts(s.stage).scored]
-        bad = [c for c in export.candidates if c not in exportable]
-        if bad:
-            raise UsageError(
-                f"{src}: export: candidates {bad} are not ids of causal-LM stages of this lifecycle "
-                f"({', '.join(exportable)})."
-            )
-        if len(set(export.candidates)) > 1 and not evaluation.dataset_name:
-            raise UsageError(
-                f"{src}: export: the best of several candidates is chosen by held-out accuracy, but 'evaluation' "
-                "has no dataset_name; set one, or name a single candidate."
-            )
-
-    inference = None
-    if raw.get("inference") is not None:
-        inference = _block(InferenceSpec, raw["inference"], f"{src}: inference")
-    if inference is not None:
-        from hfrecipes.inference import ENGINES
-
-        _one_of(inference.engine, ENGINES, f"{src}: inference: engine")
-        _positive(inference.max_new_tokens, f"{src}: inference: max_new_tokens")
-        _positive(inference.samples, f"{src}: inference: samples")
-        if export is None:
-            raise UsageError(f"{src}: inference serves the exported model; add an 'export' block with candidates.")
-        if not evaluation.dataset_name:
-            raise UsageError(f"{src}: inference answers the evaluation split's prompts; set evaluation: dataset_name.")
-
-    claims = None
-    if raw.get("claims") is not None:
-        claims = _block(ClaimsSpec, raw["claims"], f"{src}: claims")
-        all_ids = set(ids) | ({control.id} if control else set())
-        bad = [i for i in claims.ids() if i not in all_ids]
-        if bad:
-            raise UsageError(f"{src}: claims: {bad} are not stage ids of this lifecycle ({', '.join(ids)}).")
-        if (claims.flaw_group or claims.clean_group) and not evaluation.group_column:
-            raise UsageError(
-                f"{src}: claims: flaw_group and clean_group are kinds of problem, but 'evaluation' has no "
-                "group_column; set one (e.g. kind)."
-            )
-
-    known = set(ids) | ({control.id} if control else set()) | ({EXPORT} if export else set())
-    bad = [f for f in force if f not in known]
-    if bad:
-        raise UsageError(f"--force names {bad}, not stages of this lifecycle ({', '.join(sorted(known))}).")
+        _id(control.id, f"{src}: control", set(ids["stage"]))
+    ids["any"] = ids["stage"] + ([control.id] if control else [])
 
     name = top.get("name") or path.stem
     life = Lifecycle(
         stages=stages,
         name=name,
         run_dir=str(run_dir or top.get("run_dir") or f"runs/{name}"),
-        evaluation=evaluation,
-        export=export,
-        inference=inference,
+        evaluation=_block(EvaluationSpec, raw.get("evaluation") or {}, f"{src}: evaluation", ids),
+        export=_optional(ExportSpec, raw, "export", src, ids),
+        inference=_optional(InferenceSpec, raw, "inference", src, ids),
         control=control,
-        claims=claims,
+        claims=_claims(raw.get("claims") or [], src, ids),
     )
     life.source = src
+    for broken, message in RULES:
+        if broken(life):
+            raise UsageError(f"{src}: {message}")
+    for i, claim in enumerate(life.claims):
+        for need in claim.NEEDS:
+            present, message = NEEDS[need]
+            if not present(life):
+                raise UsageError(f"{src}: claims[{i}] ({kind_of(claim)}): {message}")
+    _merge_overrides(life, overrides)
+
+    known = set(ids["any"]) | ({EXPORT} if life.export else set())
+    bad = [f for f in force if f not in known]
+    if bad:
+        raise UsageError(f"--force names {bad}, not stages of this lifecycle ({', '.join(sorted(known))}).")
+
     # every stage recipe parses strictly with its final overrides; the control's step count is set when it runs
     checked = [(f"stages[{i}]", s) for i, s in enumerate(stages)] + (
         [("control", control.as_stage(1))] if control else []

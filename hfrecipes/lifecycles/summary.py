@@ -5,25 +5,24 @@ card's are, so a number reads the same in the summary and in the stage's card) a
 (`report.plots.summary_chart`: held-out accuracy by stage, the SFT ceiling drawn, the seed spread where there are
 several seeds).
 
-Above the table, one line per claim of the recipe's `claims` block says whether this run's numbers support it: SFT
-reproduces its demonstrations' flaw; RL passes the SFT ceiling; more SFT for the same FLOPs does not; DPO costs less
-than reward model + PPO; the gold check catches a policy gaming its reward model; the model knows the facts before
-its knowledge cutoff and not those after; output tokens cost more than input tokens.
+Above the table, one line per claim the recipe declares in its `claims:` list says whether this run's numbers
+support it (`lifecycles/claims.py` checks them: for the tiny lifecycle, SFT reproduces its demonstrations' flaw, RL
+passes the SFT ceiling, more SFT for the same FLOPs does not, DPO costs less than reward model + PPO, ...).
 
     hfrecipes lifecycle        # writes runs/tiny/summary.md
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from hfrecipes import record as records
+from hfrecipes.lifecycles import claims
 from hfrecipes.record import Record
 from hfrecipes.report.card import cards_root
-from hfrecipes.report.format import FORMATS, pct
+from hfrecipes.report.format import FORMATS
 from hfrecipes.report.lineage import totals
 from hfrecipes.report.plots import summary_chart
 
@@ -45,18 +44,6 @@ def _gold(r: Record) -> dict[str, Any] | None:
         "first": history[0] if history else None,
         "last": history[-1] if history else None,
     }
-
-
-def _favourite(probe: dict[str, Any]) -> str:
-    """A sentence when one answer tops nearly every fact (nine in ten): the model ranks by how common each answer
-    is, not by which fact it is asked."""
-    top = probe.get("top_choice") or {}
-    if not top.get("total") or top["rows"] < 0.9 * top["total"]:
-        return ""
-    return (
-        f" The model's top choice is '{top['choice']}' for {top['rows']} of the {top['total']} facts: it learnt how "
-        "common each answer is, not which fact has which."
-    )
 
 
 def _probe(r: Record) -> dict[str, Any] | None:
@@ -114,146 +101,10 @@ def build(
         "wall_seconds_this_time": round(wall_seconds, 1),
         "total": total,
         "missing": missing,
-        "claims_spec": dataclasses.asdict(life.claims) if life.claims else None,
+        "claims_spec": [claims.as_dict(c) for c in life.claims] or None,
     }
-    summary["claims"] = claims(summary)
+    summary["claims"] = claims.evaluate(life.claims, summary)
     return summary
-
-
-# ------------------------------------------------------------------------------------------------------ claims
-
-
-def _acc(r: dict[str, Any] | None) -> float | None:
-    return None if r is None else r["heldout_accuracy"]
-
-
-def _points(x: float) -> str:
-    return f"{100 * x:+.1f} points"
-
-
-def claims(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per claim the recipe names: `key`, `text` (the numbers, in words) and `supported` (True, False,
-    or None where this run did not measure what the claim needs)."""
-    spec = summary.get("claims_spec")
-    if not spec:
-        return []
-    rows = {r["id"]: r for r in summary["stages"]}
-    control = summary["control"]
-    if control:
-        rows[control["id"]] = control
-    out: list[dict[str, Any]] = []
-
-    def claim(key: str, text: str, supported: bool | None) -> None:
-        out.append({"key": key, "text": text, "supported": supported})
-
-    ceiling = rows.get(spec["ceiling"]) if spec["ceiling"] else None
-    if ceiling and spec["flaw_group"] and spec["clean_group"]:
-        groups = ceiling.get("by_group") or {}
-        flaw, clean = groups.get(spec["flaw_group"]), groups.get(spec["clean_group"])
-        ok = None if flaw is None or clean is None else clean - flaw >= spec["flaw_margin"]
-        claim(
-            "imitation",
-            f"SFT imitates its demonstrations, flaw included: `{ceiling['id']}` scores {pct(flaw)} on "
-            f"{spec['flaw_group']} problems, where its demonstrations are flawed, and {pct(clean)} on "
-            f"{spec['clean_group']} problems (a gap of at least {_points(spec['flaw_margin'])[1:]} expected).",
-            ok,
-        )
-    if ceiling and ceiling.get("gold"):
-        gold = ceiling["gold"]
-        best = gold.get("best") or {}
-        ok = gold.get("stopped") == "plateau"
-        how = f"stopped at step {ceiling['steps']}" if ok else f"ran all {ceiling['steps']} steps without stopping"
-        claim(
-            "plateau",
-            f"SFT trained to its plateau: validation {gold.get('metric') or 'accuracy'} stopped improving "
-            f"(best {pct(best.get('gold'))} at step {best.get('step')}); it {how}.",
-            ok,
-        )
-    rl = [rows[i] for i in spec["rl"] if i in rows and _acc(rows[i]) is not None]
-    best_rl = max(rl, key=_acc) if rl else None
-    if ceiling and best_rl and _acc(ceiling) is not None:
-        gain = _acc(best_rl) - _acc(ceiling)
-        claim(
-            "past_ceiling",
-            f"RL passes the SFT ceiling: `{best_rl['id']}` reaches {pct(_acc(best_rl))} against `{ceiling['id']}`'s "
-            f"{pct(_acc(ceiling))}, {_points(gain)} (target {_points(spec['rl_margin'])}).",
-            gain >= spec["rl_margin"] - 1e-9,
-        )
-    if control and best_rl and _acc(control) is not None:
-        lead = _acc(best_rl) - _acc(control)
-        budget = "training FLOPs" if control.get("budget") == "flops" else "wall time"
-        claim(
-            "control",
-            f"More SFT does not get there: the control `{control['id']}` spent `{control['matches']}`'s {budget} "
-            f"({FORMATS['si'](control['flops'])} FLOPs, {FORMATS['duration'](control['wall_seconds'])}) on more "
-            f"imitation and reached {pct(_acc(control))}; `{best_rl['id']}` leads it by {_points(lead)} "
-            f"(target {_points(spec['control_margin'])}).",
-            lead >= spec["control_margin"] - 1e-9,
-        )
-    dpo, rlhf = rows.get(spec["dpo"]) if spec["dpo"] else None, [rows[i] for i in spec["rlhf"] if i in rows]
-    if dpo and rlhf:
-        flops = [r["flops"] for r in rlhf]
-        walls = [r["wall_seconds"] for r in rlhf]
-        rlhf_flops = sum(flops) if None not in flops else None
-        rlhf_wall = sum(walls) if None not in walls else None
-        names = " + ".join(f"`{r['id']}`" for r in rlhf)
-        last = rlhf[-1]
-        ok = None if dpo["flops"] is None or rlhf_flops is None else dpo["flops"] < rlhf_flops
-        claim(
-            "dpo",
-            f"DPO aligns for less: `{dpo['id']}` took {FORMATS['si'](dpo['flops'])} FLOPs and "
-            f"{FORMATS['duration'](dpo['wall_seconds'])} to reach {pct(_acc(dpo))}; {names} took "
-            f"{FORMATS['si'](rlhf_flops)} FLOPs and {FORMATS['duration'](rlhf_wall)} to reach {pct(_acc(last))}.",
-            ok,
-        )
-    hacked = rows.get(spec["hacking"]) if spec["hacking"] else None
-    if hacked:
-        gold = hacked.get("gold") or {}
-        flag = gold.get("hacking")
-        if flag:
-            kept = gold.get("kept_step")
-            text = (
-                f"A reward model can be gamed, and the gold check catches it: `{hacked['id']}` (PPO against the "
-                f"reward model alone) raised its proxy reward to {FORMATS['num'](flag.get('proxy'))} (from "
-                f"{FORMATS['num'](flag.get('proxy_at_best'))} at its best gold check) while gold accuracy fell from "
-                f"{pct(flag.get('best_gold'))} to {pct(flag.get('gold'))}; flagged at step {flag.get('step')}"
-                + (", training stopped" if gold.get("stopped") == "reward_hacking" else "")
-                + (f", the weights of step {kept} kept" if kept is not None else "")
-                + f"; held-out {pct(_acc(hacked))}."
-            )
-        else:
-            text = (
-                f"A reward model can be gamed: `{hacked['id']}`'s gold check flagged no hacking in "
-                f"{gold.get('checks', 0)} checks (held-out {pct(_acc(hacked))})."
-            )
-        claim("hacking", text, bool(flag) if gold else None)
-    cut = rows.get(spec["cutoff"]) if spec["cutoff"] else None
-    probe = (cut or {}).get("probe")
-    if probe:
-        before, after, chance = probe.get("before") or {}, probe.get("after") or {}, probe.get("chance")
-        ok = None
-        if before.get("accuracy") is not None and after.get("accuracy") is not None and chance is not None:
-            ok = before["accuracy"] >= 0.5 and after["accuracy"] <= 2 * chance
-        claim(
-            "cutoff",
-            f"Nothing after the cutoff is known: `{cut['id']}` (cutoff {probe.get('cutoff')}) knows "
-            f"{before.get('known')}/{before.get('total')} facts dated before it and {after.get('known')}/"
-            f"{after.get('total')} dated after (chance {pct(chance)}; supported when at least half before and at "
-            f"most twice chance after).{_favourite(probe)}",
-            ok,
-        )
-    inf = summary.get("inference") or {}
-    ratio = inf.get("output_input_price_ratio")
-    if ratio is not None:
-        claim(
-            "output_tokens",
-            f"Output tokens cost more than input tokens: serving the export ({inf.get('engine')}), a generated token "
-            f"costs {FORMATS['money'](inf.get('dollars_per_million_output_tokens'))} per million, a prompt token "
-            f"{FORMATS['money'](inf.get('dollars_per_million_input_tokens'))}: {ratio:.1f}x (decode runs a step "
-            "per token; prefill reads a whole prompt in one).",
-            ratio > 1,
-        )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------- seeds
