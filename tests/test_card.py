@@ -323,3 +323,14 @@ def test_a_stage_stopped_before_its_first_log_counts_the_tokens_it_read(tiny_pre
     assert out.record["compute"]["flops_6nd"] == 6 * params * tokens > 0
     row = _table((tmp_path / "sft" / "README.md").read_text(), "| stage | data |")[-2]
     assert row[3] == fmt.si(tokens) and row[7] == fmt.si(6 * params * tokens)
+
+
+@pytest.mark.parametrize("head", ["reward", None])  # None: an older record, whose architecture names the head
+def test_a_reward_models_card_takes_its_pipeline_tag_and_auto_class_from_the_head(head):
+    from huggingface_hub import ModelCard
+
+    rec = _synthetic(stage="reward")
+    rec["model"] |= {"architecture": "LlamaForSequenceClassification", "head": head}
+    text = str(card.render(rec))
+    assert ModelCard(text).data.to_dict()["pipeline_tag"] == "text-classification"
+    assert "AutoModelForSequenceClassification.from_pretrained(" in text and "from vllm import LLM" not in text
