@@ -21,9 +21,84 @@ import sys
 from pathlib import Path
 
 from hfrecipes.errors import UsageError
+from hfrecipes.recipe import (
+    COUNT,
+    NON_NEGATIVE,
+    PORT,
+    POSITIVE,
+    PROBABILITY,
+    RANGES,
+    check_apart,
+    check_finite,
+    check_ranges,
+)
 from hfrecipes.stages import STAGES
 
 EXIT_USAGE = 2
+
+# The numbers each command's options take (a stage's recipe keys: recipe.RANGES), refused before any work.
+OPTION_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
+    "generate": {
+        "--temperature": NON_NEGATIVE,
+        "--top_p": PROBABILITY,
+        "--max_new_tokens": COUNT,
+        "--n": COUNT,
+        "--batch_size": COUNT,
+        "--price_per_hour": NON_NEGATIVE,
+    },
+    "cost": {
+        "--params": POSITIVE,
+        "--tokens": POSITIVE,
+        "--num-devices": COUNT,
+        "--mfu": PROBABILITY,
+        "--price": NON_NEGATIVE,
+        "--power": POSITIVE,
+        "--pue": RANGES["pue"],
+        "--grid": NON_NEGATIVE,
+        "--n-layers": COUNT,
+        "--seq-len": COUNT,
+        "--d-model": COUNT,
+        "--serve-mfu": PROBABILITY,
+        "--serve-tokens-per-second": POSITIVE,
+        "--serve-prefill-tokens-per-second": POSITIVE,
+        "--kv-bytes-per-token": POSITIVE,
+        "--context": COUNT,
+        "--daily-tokens": NON_NEGATIVE,
+        "--daily-input-tokens": NON_NEGATIVE,
+        "--daily-output-tokens": NON_NEGATIVE,
+    },
+    "serve": {"--port": PORT, "--startup-timeout": POSITIVE},
+    "lifecycle": {"--seeds": COUNT},
+}
+# Each command's output and the inputs it must stay apart from (not be, lie inside or hold one): writing it would
+# change what the command reads, and replacing it (--force) would delete it.
+OUTPUT_APART: dict[str, tuple[str, tuple[str, ...]]] = {
+    "export": ("out_dir", ("stage_dir",)),
+    "convert": ("out_dir", ("gguf", "base")),
+    "generate": ("out", ("model_dir", "prompts")),
+    "serve": ("log", ("folder",)),
+}
+SHOWN = {
+    "out": "--out",
+    "log": "--log",
+    "prompts": "--prompts",
+    "base": "--base",
+    "gguf": "FILE",
+    "folder": "EXPORT_DIR",
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """A command's numbers in range and its output apart from its inputs, before anything loads."""
+    if args.command in ("generate", "cost"):
+        check_finite(vars(args), f"hfrecipes {args.command}")  # nan passes every range check
+    ranges = OPTION_RANGES.get(args.command, {})
+    values = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in ranges}
+    check_ranges(values, f"hfrecipes {args.command}", ranges, name="{}")
+    if args.command in OUTPUT_APART:
+        out, inputs = OUTPUT_APART[args.command]
+        shown = {SHOWN.get(i, i.upper()): getattr(args, i) for i in inputs}
+        check_apart(getattr(args, out), shown, f"hfrecipes {args.command}", SHOWN.get(out, out.upper()))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -303,10 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ("check", "export", "convert", "generate", "cost", "push", "lifecycle", "serve") and rest:
             raise UsageError(f"unknown argument(s) for '{args.command}': {' '.join(rest)}")
-        if args.command in ("generate", "cost"):
-            from hfrecipes.recipe import check_finite
-
-            check_finite(vars(args), f"hfrecipes {args.command}")  # nan passes every range check that follows
+        check_options(args)
         if args.command == "export":
             from hfrecipes.api import export
 
@@ -389,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pushed {args.folder} to {result['repo_id']} ({state}): {result['url']}")
             return 0
         if args.help:
-            from hfrecipes.recipe import _strict_parser
+            from hfrecipes.recipe import strict_parser
             from hfrecipes.stages import get_stage
 
-            _strict_parser(get_stage(args.command).DATACLASSES).print_help()
+            strict_parser(get_stage(args.command).DATACLASSES).print_help()
             return 0
         if args.config is None:
             raise UsageError(

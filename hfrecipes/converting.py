@@ -23,6 +23,7 @@ from hfrecipes import costs, record
 from hfrecipes.errors import UsageError
 from hfrecipes.gguf_export import sha256
 from hfrecipes.modeling import check_gguf
+from hfrecipes.recipe import check_apart
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def convert(
     meta = check_convertible(file, "gguf file")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16.")
+    check_apart(out_dir, {"gguf file": file, "--base": base}, "convert", "output folder")
     record.check_new_folder(out_dir, force, "output folder")
     bases = read_bases(base)
     # a file given by hand describes this model even where its `match` is absent

@@ -20,6 +20,7 @@ from hfrecipes import gguf_export, record
 from hfrecipes.errors import UsageError
 from hfrecipes.inference import greedy_transformers, greedy_vllm, kv_cache_of, until_eos
 from hfrecipes.modeling import check_stage_dir, is_adapter, load_merged
+from hfrecipes.recipe import check_apart
 from hfrecipes.stagerun import StageRun
 from hfrecipes.vllm_support import vllm_available
 
@@ -108,9 +109,8 @@ def export(
         )
     quant = (quant or "q8_0") if gguf else None
     check_stage_dir(stage_dir)
+    check_apart(out_dir, {"stage folder": stage_dir}, "export", "export folder")
     record.check_new_folder(out_dir, force, "export folder")
-    if out_dir.resolve() == stage_dir.resolve():
-        raise UsageError("export folder and stage folder are the same; choose another export folder.")
     facts = gguf_export.check_exportable(stage_dir, quant) if gguf else None
     parent = record.read_record(stage_dir)
     name = model_name(out_dir, parent)

@@ -461,6 +461,23 @@ def model_source(model_args) -> tuple[str, str | None]:
     return name, model_args.gguf_file
 
 
+def check_lora_targets(folder: Path, targets: list[str]) -> None:
+    """Every LoRA target names a module of the checkpoint, read from its safetensors headers before any weight loads
+    (PEFT matches a module whose name is the target or ends in `.<target>`; it fails only once the model is loaded)."""
+    modules = set()
+    for weights in folder.glob("model*.safetensors"):
+        with open(weights, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        modules.update(name.rsplit(".", 1)[0] for name in header if name != "__metadata__")
+    missing = [t for t in targets if modules and not any(m == t or m.endswith(f".{t}") for m in modules)]
+    if missing:
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules} - {str(i) for i in range(len(modules))})
+        raise UsageError(
+            f"lora_target_modules {missing}: no module of '{folder}' has that name; its modules with weights are "
+            f"{leaves}. Set lora_target_modules to some of them, or to all-linear."
+        )
+
+
 def check_model_args(model_args, parent_stage: str | None = None, lm_head_adapter: bool = False) -> None:
     """Everything about the model that can be wrong, found before data or weights load: paths, switches.
     `lm_head_adapter`: whether the stage can train a LoRA adapter on the LM head (TRL's trainers refuse one)."""
@@ -492,6 +509,8 @@ def check_model_args(model_args, parent_stage: str | None = None, lm_head_adapte
             "lora_target_modules includes lm_head, which TRL's trainers refuse (sft, dpo and grpo score tokens with "
             "the LM head's base weight; a reward model has no LM head). Remove lm_head from lora_target_modules."
         )
+    if model_args.use_peft and isinstance(targets, list) and folder.is_dir() and not gguf:
+        check_lora_targets(folder, targets)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         import importlib.util
 

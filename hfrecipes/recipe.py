@@ -179,17 +179,36 @@ def check_values(values: dict[str, Any], dataclass_types, source: str) -> dict[s
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
             hint = f" Did you mean '{close[0]}'?" if close else " Check the spelling against the stage's config."
             raise UsageError(f"{source}: unknown key '{key}'.{hint}")
-        _, f, tp = known[key]
+        cls, f, tp = known[key]
         ok, converted = _coerce(value, tp)
-        choices = f.metadata.get("choices")
-        if ok and choices and converted is not None and converted not in choices:
+        choices = f.metadata.get("choices") or _table_choices(cls, key)
+        chosen = converted if isinstance(converted, list) else [converted]
+        if ok and choices and converted is not None and any(c not in choices for c in chosen):
             ok = False
         if not ok:
             expected = f"one of {list(choices)}" if choices else _type_name(tp)
+            if value is None:
+                raise UsageError(f"{source}: key '{key}' is null, but it cannot be unset: expected {expected}.")
             raise UsageError(f"{source}: key '{key}' has value {value!r}, expected {expected}.")
         checked[key] = converted
     check_finite(checked, source)
     return checked
+
+
+# The values a library accepts for a key it checks only once training runs (GRPO's loss at its first step), by the
+# library class that declares the key: refused when parsed instead.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("GRPOConfig", "loss_type"): ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    ("GRPOConfig", "multi_objective_aggregation"): ("sum_then_normalize", "normalize_then_sum"),
+    ("GRPOConfig", "importance_sampling_level"): ("token", "sequence"),
+    ("GRPOConfig", "vllm_mode"): ("server", "colocate"),
+    ("GRPOConfig", "vllm_model_impl"): ("transformers", "vllm"),
+    ("DPOConfig", "f_divergence_type"): ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+}
+
+
+def _table_choices(cls: type, key: str) -> tuple[str, ...] | None:
+    return next((CHOICES[(c.__name__, key)] for c in cls.__mro__ if (c.__name__, key) in CHOICES), None)
 
 
 # What to write instead of a non-finite value, where the library has a number that means "off".
@@ -228,56 +247,249 @@ def check_finite(values: dict[str, Any], source: str) -> None:
             raise UsageError(f"{source}: key '{where}' has value {bad!r}, expected a finite number{hint}.")
 
 
-# Hyperparameters out of range, as (lowest, highest, lowest allowed, highest allowed): the libraries accept many
-# of these silently (a negative learning rate trains backwards) or fail deep inside training.
-RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "learning_rate": (0, None, False, True),
-    "per_device_train_batch_size": (1, None, True, True),
-    "per_device_eval_batch_size": (1, None, True, True),
-    "gradient_accumulation_steps": (1, None, True, True),
-    "num_train_epochs": (0, None, False, True),
-    "warmup_ratio": (0, 1, True, True),
-    "warmup_steps": (0, None, True, True),
-    "weight_decay": (0, None, True, True),
-    "max_grad_norm": (0, None, True, True),
+# Numbers out of their range, as (lowest, highest, lowest allowed, highest allowed): the libraries accept many of
+# these silently (a negative learning rate trains backwards, a PUE below 1 makes energy from nothing) or fail deep
+# inside training. One table for every stage's keys (a key means the same in every stage that has it); a list value
+# (loss_weights) is checked item by item.
+INF = math.inf
+COUNT, POSITIVE, SHARE, PROBABILITY = (
+    (1, INF, True, True),
+    (0, INF, False, True),
+    (0, 1, True, True),
+    (0, 1, False, True),
+)
+NON_NEGATIVE, PORT, SEED = (0, INF, True, True), (1, 65535, True, True), (0, 2**32 - 1, True, True)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    # optimisation
+    "learning_rate": POSITIVE,
+    "per_device_train_batch_size": COUNT,
+    "per_device_eval_batch_size": COUNT,
+    "gradient_accumulation_steps": COUNT,
+    "eval_accumulation_steps": COUNT,
+    "num_train_epochs": POSITIVE,
+    "max_steps": (-1, INF, True, True),  # -1: train num_train_epochs
+    "warmup_steps": NON_NEGATIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,
     "adam_beta1": (0, 1, True, False),
     "adam_beta2": (0, 1, True, False),
-    "adam_epsilon": (0, None, False, True),
-    "logging_steps": (0, None, False, True),
-    "save_steps": (0, None, False, True),
-    "lora_r": (1, None, True, True),
-    "lora_alpha": (0, None, False, True),
+    "adam_epsilon": POSITIVE,
+    "label_smoothing_factor": (0, 1, True, False),
+    "neftune_noise_alpha": POSITIVE,
+    "router_aux_loss_coef": NON_NEGATIVE,
+    "seed": SEED,
+    "data_seed": SEED,
+    "tiny_seed": SEED,
+    # logging, checkpoints, data loading
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "eval_delay": NON_NEGATIVE,
+    "save_total_limit": COUNT,
+    "torch_empty_cache_steps": COUNT,
+    "dataloader_num_workers": NON_NEGATIVE,
+    "dataloader_prefetch_factor": COUNT,
+    "dataset_num_proc": COUNT,
+    "ddp_timeout": POSITIVE,
+    "ddp_bucket_cap_mb": POSITIVE,
+    "max_train_samples": COUNT,
+    "max_eval_samples": COUNT,
+    # model, tokenizer, LoRA
+    "lora_r": COUNT,
+    "lora_alpha": POSITIVE,
     "lora_dropout": (0, 1, True, False),
-    "beta": (0, None, True, True),
-    "temperature": (0, None, False, True),
-    "top_p": (0, 1, False, True),
-    "num_generations": (2, None, True, True),
-    "max_length": (1, None, True, True),
-    "max_completion_length": (1, None, True, True),
-    "block_size": (2, None, True, True),
-    "max_train_samples": (1, None, True, True),
-    "max_eval_samples": (1, None, True, True),
-    "tokenizer_vocab_size": (32, None, True, True),
+    "block_size": (2, INF, True, True),
+    "max_length": COUNT,
+    "tokenizer_vocab_size": (32, INF, True, True),
+    # preference losses
+    "beta": NON_NEGATIVE,
+    "label_smoothing": (0, 0.5, True, False),  # Robust DPO: the chance a preference label is flipped
+    "ld_alpha": SHARE,
+    "discopop_tau": POSITIVE,
+    "loss_weights": NON_NEGATIVE,
+    "ref_model_mixup_alpha": SHARE,
+    "ref_model_sync_steps": COUNT,
+    "precompute_ref_batch_size": COUNT,
+    "center_rewards_coefficient": NON_NEGATIVE,
+    # generation and RL
+    "temperature": POSITIVE,
+    "top_p": PROBABILITY,
+    "top_k": NON_NEGATIVE,  # 0: off
+    "min_p": SHARE,
+    "repetition_penalty": POSITIVE,
+    "num_generations": (2, INF, True, True),
+    "num_generations_eval": COUNT,
+    "generation_batch_size": COUNT,
+    "steps_per_generation": COUNT,
+    "num_iterations": COUNT,
+    "max_completion_length": COUNT,
+    "max_new_tokens": COUNT,
+    "epsilon": POSITIVE,
+    "epsilon_high": POSITIVE,
+    "delta": POSITIVE,
+    "top_entropy_quantile": SHARE,
+    "num_completions_to_print": NON_NEGATIVE,
+    "eval_samples": COUNT,
+    "eval_max_new_tokens": COUNT,
+    "vllm_gpu_memory_utilization": PROBABILITY,
+    "vllm_tensor_parallel_size": COUNT,
+    "vllm_server_port": PORT,
+    "vllm_group_port": PORT,
+    "vllm_server_timeout": POSITIVE,
+    "gamma": SHARE,
+    "lam": SHARE,
+    "cliprange": POSITIVE,
+    "cliprange_value": POSITIVE,
+    "vf_coef": NON_NEGATIVE,
+    "kl_coef": NON_NEGATIVE,
+    "target_kl": POSITIVE,
+    "kl_horizon": COUNT,
+    "num_ppo_epochs": COUNT,
+    "num_mini_batches": COUNT,
+    "rollout_forward_batch_size": COUNT,
+    "heldout_max_prompts": COUNT,
+    # the gold check
+    "gold_every": COUNT,
+    "gold_samples": COUNT,
+    "gold_max_new_tokens": COUNT,
+    "gold_patience": COUNT,
+    "gold_min_steps": NON_NEGATIVE,
+    "gold_min_delta": SHARE,
+    "gold_min_gold": SHARE,
+    "gold_drop": SHARE,
+    # cost and CO2
+    "device_price_per_hour": NON_NEGATIVE,
+    "device_power_watts": POSITIVE,
+    "pue": (1, INF, True, True),  # facility energy over IT energy: 1.0 is a data centre that spends nothing on cooling
+    "grid_gco2_per_kwh": NON_NEGATIVE,
 }
 
 
-def check_ranges(values: dict[str, Any], source: str) -> None:
-    """Refuse a hyperparameter the user set outside its range, naming the key, the value and the range."""
-    for key, (low, high, low_ok, high_ok) in RANGES.items():
+def check_ranges(
+    values: dict[str, Any],
+    source: str,
+    ranges: dict[str, tuple[float, float, bool, bool]] = RANGES,
+    name: str = "key '{}'",
+) -> None:
+    """Refuse a number the user set outside its range, naming the key (or flag: `name` formats it), the value and
+    the range."""
+    for key, (low, high, low_ok, high_ok) in ranges.items():
         value = values.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if not isinstance(item, (int, float)) or isinstance(item, bool):
+                continue
+            below = item < low or (item == low and not low_ok)
+            above = item > high or (item == high and not high_ok)
+            if below or above:
+                where = name.format(key) if items is not value else name.format(f"{key}[{i}]")
+                span = f"{'[' if low_ok else '('}{_bound(low)}, {_bound(high)}{']' if high_ok else ')'}"
+                raise UsageError(f"{source}: {where} has value {item!r}, expected a number in {span}.")
+
+
+def _bound(x: float) -> str:
+    return "inf" if x == INF else "-inf" if x == -INF else str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+# Keys naming a file, folder or dataset the run reads. An output folder that is one of them, lies inside one or holds
+# one would change the input as the run writes (metrics, checkpoints), and delete it where the folder is replaced.
+INPUTS = (
+    "model_name_or_path",
+    "tokenizer_name_or_path",
+    "model_init_config",
+    "dataset_name",
+    "knowledge_probe",
+    "gold_dataset_name",
+    "chat_template_path",
+    "reward_model_path",
+    "value_model_path",
+)
+# Keys whose file or folder must exist when the stage starts (a checkpoint to resume from is only ever local; the
+# others may be Hub ids, so they must exist where they look like a path: `looks_local`). Missing, a library would
+# take the name for a Hub id, or the run would go on without it.
+MUST_EXIST = ("resume_from_checkpoint", *INPUTS)
+# What a local name looks like where a Hub id is also allowed: a Hub id is `name` or `owner/name`.
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".gguf", ".safetensors", ".jinja", ".yaml")
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path, not a Hub id (`tiny:` names are neither)."""
+    if name.startswith("tiny:"):
+        return False
+    p = Path(name)
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or p.suffix in LOCAL_SUFFIXES
+
+
+def check_apart(output: str | Path | None, inputs: dict[str, Any], source: str, out_name: str = "output_dir") -> None:
+    """Refuse an output that is an input, lies inside an input folder or holds an input; names that are not local
+    paths (Hub ids, `tiny:` datasets) are passed over."""
+    if not output:
+        return
+    out = Path(output).expanduser().resolve()
+    for name, value in inputs.items():
+        if not isinstance(value, (str, Path)) or not str(value) or not Path(value).expanduser().exists():
             continue
-        below = low is not None and (value < low or (value == low and not low_ok))
-        above = high is not None and (value > high or (value == high and not high_ok))
-        if below or above:
-            left = "[" if low_ok else "("
-            right = "]" if high_ok else ")"
-            span = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
-            raise UsageError(f"{source}: key '{key}' has value {value!r}, expected a number in {span}.")
+        p = Path(value).expanduser().resolve()
+        relation = "is" if out == p else "lies inside" if p in out.parents else "holds" if out in p.parents else None
+        if relation:
+            raise UsageError(
+                f"{source}: {out_name} '{output}' {relation} {name} '{value}': the run would change its own input. "
+                f"Set {out_name} outside it."
+            )
 
 
-def _strict_parser(dataclass_types):
-    """HfArgumentParser whose errors are UsageErrors naming the flag, not a usage dump and a SystemExit."""
+def check_inputs(values: dict[str, Any], source: str) -> None:
+    """Before a stage starts: every key of MUST_EXIST that names a local path names one that exists."""
+    for key in MUST_EXIST:
+        value = values.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if (key == "resume_from_checkpoint" or looks_local(value)) and not Path(value).expanduser().exists():
+            raise UsageError(f"{source}: {key} '{value}' does not exist. Check the path, or leave {key} unset.")
+
+
+# What unsets an optional key on the command line (`--knowledge_probe null`, `--set pre.knowledge_probe=None`): YAML's
+# spellings of null, as a recipe writes it, and Python's.
+NULL_WORDS = ("null", "Null", "NULL", "~", "None")
+
+
+def admits_none(tp: Any) -> bool:
+    """Whether a field of type `tp` can be unset (None)."""
+    if tp is Any or tp is type(None):
+        return True
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def take_nulls(cli_args: list[str], known: dict[str, tuple[type, dataclasses.Field, Any]]):
+    """(the flags less those that unset a key, {key: None} for each): `--key null` and `--key=null` (or None, ~) set
+    an optional key to None, as `key: null` does in a recipe; argparse would pass the word on as a string (a dataset
+    named 'null') or fail on it as a number. A key that cannot be None is refused by name."""
+    kept, nulls = [], {}
+    i = 0
+    while i < len(cli_args):
+        flag, eq, value = cli_args[i].partition("=")
+        if not eq:  # `--key null`: the word alone after the flag (`--key null more` is a list holding 'null')
+            value = cli_args[i + 1] if i + 1 < len(cli_args) else ""
+            if i + 2 < len(cli_args) and not cli_args[i + 2].startswith("-"):
+                value = ""
+        name = flag[2:].replace("-", "_")
+        if not flag.startswith("--") or name not in known or value not in NULL_WORDS:
+            kept.append(cli_args[i])
+            i += 1
+            continue
+        tp = known[name][2]
+        if not admits_none(tp):
+            raise UsageError(
+                f"command line: --{name} {value}: '{name}' cannot be unset, it always has a value ({_type_name(tp)})."
+            )
+        nulls[name] = None
+        i += 1 if eq else 2
+    return kept, nulls
+
+
+def strict_parser(dataclass_types):
+    """HfArgumentParser whose errors are UsageErrors naming the flag, not a usage dump and a SystemExit; its
+    `print_help()` lists every recipe key of the dataclasses."""
     from transformers import HfArgumentParser
 
     class StrictParser(HfArgumentParser):
@@ -304,26 +516,31 @@ def parse(
     if overrides:
         values.update(check_values(overrides, dataclass_types, "overrides"))
 
-    parser = _strict_parser(dataclass_types)
+    parser = strict_parser(dataclass_types)
     known = _fields(dataclass_types)
     parser.set_defaults(**values)
-    namespace, remaining = parser.parse_known_args(args=list(cli_args or []))
+    cli_args, nulls = take_nulls(list(cli_args or []), known)
+    namespace, remaining = parser.parse_known_args(args=cli_args)
+    for name in nulls:
+        setattr(namespace, name, None)
     unknown = [a for a in remaining if a.startswith("-")]
     if remaining:
         flag = unknown[0] if unknown else remaining[0]
         close = difflib.get_close_matches(flag.lstrip("-").split("=")[0], list(known), n=1, cutoff=0.6)
         hint = f" Did you mean '--{close[0]}'?" if close else ""
         raise UsageError(f"command line: unknown argument '{flag}'.{hint}")
-    cli_set = {}
-    for arg in cli_args or []:
+    cli_set = dict(nulls)
+    for arg in cli_args:
         name = arg.lstrip("-").split("=")[0].replace("-", "_")
         if arg.startswith("--") and name.startswith("no_") and name[3:] in known:
             name = name[3:]
         if arg.startswith("--") and name in known:
             cli_set[name] = getattr(namespace, name)
+    check_values(cli_set, dataclass_types, "command line")  # what argparse does not check: CHOICES, null
     check_finite(cli_set, "command line")
     values.update(cli_set)
-    check_ranges(values, source)
+    for where, given in (("command line", cli_set), ("overrides", overrides or {}), (source, values)):
+        check_ranges({k: values[k] for k in given if k in values}, where)  # named where the value was given
     if values.get("hub_token"):
         raise UsageError(
             f"{source}: hub_token is not read from recipes, overrides or flags: the run would save it (record.json, "
@@ -343,6 +560,7 @@ def parse(
         for k in names & values.keys():
             where = "command line" if k in cli_set else "overrides" if k in (overrides or {}) else source
             check_finite({k: getattr(outputs[-1], k)}, where)
+    check_apart(ns.get("output_dir"), {k: ns.get(k) for k in INPUTS}, source)
     resolved = {"path": str(path) if path else None, "values": _jsonable(values)}
     return tuple(outputs), resolved
 

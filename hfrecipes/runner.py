@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from hfrecipes.recipe import parse
+from hfrecipes.recipe import check_inputs, parse
 from hfrecipes.record import read_record
 from hfrecipes.stages import get_stage
 
@@ -32,6 +32,7 @@ def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None 
     engines.check_environment()
     engines.fsdp_on_cpu()
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
+    check_inputs({k: v for a in args for k, v in vars(a).items()}, resolved["path"] or "arguments")
     modeling.check_device(resolved["values"])
     engines.check_options(next((a for a in args if hasattr(a, "load_in_4bit")), None), stage)
     _convert_gguf(stage, args)

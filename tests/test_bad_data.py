@@ -318,6 +318,34 @@ BAD = [
         {"model_name_or_path": None, "train_tokenizer": True, "model_init_overrides": {"rms_norm_eps": NAN}},
         ["'model_init_overrides.rms_norm_eps'", "nan"],
     ),
+    # numbers outside their physical range, values TRL checks only once training runs, paths that must exist
+    ("ppo-gamma-above-one", "ppo", "d.jsonl", _jsonl([{"prompt": "Hi"}]), {"gamma": 1.5}, ["'gamma'", "[0, 1]"]),
+    ("sft-pue-below-one", "sft", "d.jsonl", _conversations(), {"pue": 0.9}, ["overrides", "'pue'", "[1, inf]"]),
+    ("dpo-negative-price", "dpo", "d.jsonl", _jsonl([PAIR]), {"device_price_per_hour": -1.0}, ["[0, inf]"]),
+    (
+        "grpo-unknown-loss",
+        "grpo",
+        "d.jsonl",
+        _jsonl([{"prompt": "Hi", "solution": "1"}]),
+        {"loss_type": "gspo"},
+        ["loss_type", "'gspo'", "'dr_grpo'"],
+    ),
+    (
+        "sft-resume-checkpoint-missing",
+        "sft",
+        "d.jsonl",
+        _conversations(),
+        {"resume_from_checkpoint": "/nonexistent/run/checkpoint-3"},
+        ["resume_from_checkpoint", "checkpoint-3", "does not exist"],
+    ),
+    (
+        "pretrain-knowledge-probe-missing",
+        "pretrain",
+        "d.jsonl",
+        _jsonl([{"text": "Once upon a time."}]),
+        {"model_name_or_path": None, "train_tokenizer": True, "knowledge_probe": "./facts.jsonl"},
+        ["knowledge_probe", "./facts.jsonl", "does not exist"],
+    ),
 ]
 
 

@@ -56,6 +56,8 @@ def user(tmp_path_factory) -> Path:
     _bad_data_files(root)
     (root / "broken_template.jinja").write_text("{% for m in messages %}{{ m.content")
     (root / "prompts.jsonl").write_text('{"prompt": "What is 2 plus 3?"}\n')
+    (root / "ggufs").mkdir()
+    (root / "ggufs" / "model.gguf").write_bytes(b"GGUF" + bytes(60))
     (root / "broken_reward.py").write_text("def score(completions, **kwargs):\n    return [1.0 for c in completions\n")
     recipes = {
         "nan_learning_rate": "dataset_name: tiny:corpus\ntrain_tokenizer: true\nlearning_rate: .nan\n",
@@ -171,7 +173,7 @@ CASES = {
     "negative_learning_rate": ([*PRE, "--learning_rate=-1e-3"], ["learning_rate", "-0.001"]),
     "zero_batch_size": ([*PRE, "--per_device_train_batch_size", "0"], ["per_device_train_batch_size"]),
     "zero_grad_accumulation": ([*PRE, "--gradient_accumulation_steps", "0"], ["gradient_accumulation_steps"]),
-    "warmup_ratio_above_one": ([*PRE, "--warmup_ratio", "1.5"], ["warmup_ratio"]),
+    "negative_warmup": ([*PRE, "--warmup_steps=-0.5"], ["warmup_steps", "[0, inf]"]),
     "negative_weight_decay": ([*PRE, "--weight_decay=-0.1"], ["weight_decay"]),
     "block_size_one": ([*PRE, "--block_size", "1"], ["block_size"]),
     "zero_save_steps": ([*PRE, "--save_steps", "0"], ["save_steps"]),
@@ -333,6 +335,87 @@ CASES = {
         ["model folder", "generation_config.json"],
     ),
 }
+
+
+PPO = ["ppo", "--config", "tiny/ppo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
+COST = ["cost", "--params", "7e9", "--tokens", "2e12"]
+
+CASES.update(
+    {
+        # a key that cannot be unset (unsetting an optional one: tests/test_recipes.py)
+        "null_for_a_key_that_always_has_a_value": ([*PRE, "--learning_rate", "null"], ["learning_rate", "unset"]),
+        # a value the library would refuse only once training runs
+        "grpo_loss_type_unknown": ([*GRPO, "--loss_type", "gspo"], ["loss_type", "'gspo'", "'dapo'"]),
+        "lora_target_names_no_module": (
+            [*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "qkv"],
+            ["lora_target_modules ['qkv']", "q_proj", "all-linear"],
+        ),
+        # a path named for something that must exist
+        "resume_from_checkpoint_missing": (
+            [*SFT, "--resume_from_checkpoint", "{user}/nope/checkpoint-5"],
+            ["resume_from_checkpoint", "checkpoint-5", "does not exist"],
+        ),
+        "knowledge_probe_file_missing": (
+            [*PRE, "--knowledge_probe", "./facts.jsonl"],
+            ["knowledge_probe", "./facts.jsonl", "does not exist"],
+        ),
+        "reward_model_folder_missing": (
+            [*PPO, "--reward_model_path", "runs/none/reward"],
+            ["reward_model_path", "runs/none/reward", "does not exist"],
+        ),
+        "value_model_folder_missing": (
+            [*PPO, "--reward_model_path", "null", "--value_model_path", "./critic"],
+            ["value_model_path", "./critic", "does not exist"],
+        ),
+        # an output that is, lies inside or holds an input
+        "output_dir_inside_the_model": (
+            [*SFT[:-1], "{user}/model/sft"],
+            ["output_dir", "lies inside model_name_or_path", "outside"],
+        ),
+        "output_dir_holds_the_model": ([*SFT[:-1], "{user}"], ["output_dir", "holds model_name_or_path"]),
+        "output_dir_inside_the_dataset_folder": (
+            [*SFT[:-1], "{user}/mine/sft", "--dataset_name", "{user}/mine"],
+            ["lies inside dataset_name"],
+        ),
+        "export_out_inside_the_stage_folder": (
+            ["export", "{user}/model", "{user}/model/export", "--no-vllm"],
+            ["OUT_DIR", "lies inside STAGE_DIR"],
+        ),
+        "export_force_over_the_folder_holding_the_stage": (
+            ["export", "{user}/model", "{user}", "--force", "--no-vllm"],
+            ["OUT_DIR", "holds STAGE_DIR"],
+        ),
+        "convert_force_over_the_gguf_folder": (
+            ["convert", "{user}/ggufs/model.gguf", "{user}/ggufs", "--force"],
+            ["OUT_DIR", "holds FILE"],
+        ),
+        "generate_out_is_the_prompts_file": (
+            ["generate", "{user}/model", "--prompts", "{user}/prompts.jsonl", "--out", "{user}/prompts.jsonl"],
+            ["--out", "is --prompts"],
+        ),
+        "generate_out_inside_the_model": (
+            ["generate", "{user}/model", "--prompts", "{user}/prompts.jsonl", "--out", "{user}/model/o.jsonl"],
+            ["--out", "lies inside MODEL_DIR"],
+        ),
+        "serve_log_inside_the_export": (
+            ["serve", "{user}/model", "--log", "{user}/model/server.log"],
+            ["--log", "lies inside EXPORT_DIR"],
+        ),
+        # numbers outside their physical range (a stage's keys: tests/test_recipes.py)
+        "generate_top_p_above_one": ([*_generate("model"), "--top_p", "1.5"], ["--top_p", "(0, 1]"]),
+        "generate_batch_size_zero": ([*_generate("model"), "--batch_size", "0"], ["--batch_size", "[1, inf]"]),
+        "generate_negative_price": ([*_generate("model"), "--price_per_hour=-2"], ["--price_per_hour", "[0, inf]"]),
+        "cost_mfu_above_one": ([*COST, "--mfu", "1.5"], ["--mfu", "1.5", "(0, 1]"]),
+        "cost_serve_mfu_above_one": ([*COST, "--serve-mfu", "3"], ["--serve-mfu", "(0, 1]"]),
+        "cost_pue_below_one": ([*COST, "--pue", "0.5"], ["--pue", "[1, inf]"]),
+        "cost_negative_price": ([*COST, "--price=-1"], ["--price", "[0, inf]"]),
+        "cost_negative_grid": ([*COST, "--grid=-1"], ["--grid", "[0, inf]"]),
+        "cost_zero_power": ([*COST, "--power", "0"], ["--power", "(0, inf]"]),
+        "cost_negative_layers": ([*COST, "--n-layers=-2", "--seq-len", "8", "--d-model", "8"], ["--n-layers"]),
+        "serve_port_out_of_range": (["serve", "{user}/model", "--port", "70000"], ["--port", "[1, 65535]"]),
+        "serve_zero_startup_timeout": (["serve", "{user}/model", "--startup-timeout", "0"], ["--startup-timeout"]),
+    }
+)
 
 
 def test_the_table_is_large():

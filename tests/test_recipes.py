@@ -169,3 +169,116 @@ def test_bad_cli_flags(flags, words):
 def test_missing_recipe_suggests_bundled():
     with pytest.raises(UsageError, match="tiny/pretrain"):
         resolve_recipe("tiny/pretrian")
+
+
+# ------------------------------------------------------------------------------------- unsetting a key: null
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--knowledge_probe", "null"],
+        ["--knowledge_probe=None"],
+        ["--knowledge_probe", "~"],
+        ["--knowledge_probe=NULL"],
+    ],
+)
+def test_null_on_the_command_line_unsets_an_optional_key(flags):
+    """`--key null` unsets the key as `key: null` does in a recipe (argparse alone would pass the string 'null' on,
+    a dataset of that name); the other flags still parse around it."""
+    (script_args, config, _), resolved = parse_stage_args(
+        "pretrain", "tiny/pretrain", [*flags, "--max_train_samples", "null", "--max_steps", "3"]
+    )
+    assert config.knowledge_probe is None and script_args.max_train_samples is None
+    assert config.max_steps == 3
+    assert resolved["values"]["knowledge_probe"] is None
+
+
+def test_null_unsets_a_list_key_and_a_word_in_a_list_stays():
+    (_, _, model_args), _ = parse_stage_args("sft", "tiny/sft_lora", ["--lora_target_modules", "null"])
+    assert model_args.lora_target_modules is None
+    (_, _, model_args), _ = parse_stage_args("sft", "tiny/sft_lora", ["--lora_target_modules", "null", "q_proj"])
+    assert model_args.lora_target_modules == ["null", "q_proj"]
+
+
+@pytest.mark.parametrize("flags", [["--learning_rate", "null"], ["--max_steps=None"]])
+def test_null_cannot_unset_a_key_that_always_has_a_value(flags):
+    with pytest.raises(UsageError) as e:
+        parse_stage_args("pretrain", "tiny/pretrain", flags)
+    assert flags[0].split("=")[0] in str(e.value) and "cannot be unset" in str(e.value)
+
+
+def test_lifecycle_set_null_unsets_a_key_like_a_stage_flag():
+    from hfrecipes.lifecycles.spec import load, parse_sets
+
+    pre_id = next(s.id for s in load("tiny/lifecycle").stages if s.stage == "pretrain")
+    for word in ("null", "None"):
+        life = load("tiny/lifecycle", overrides=parse_sets([f"{pre_id}.knowledge_probe={word}"]))
+        pre = next(s for s in life.stages if s.id == pre_id)
+        (_, config, _), _ = parse_stage_args(pre.stage, pre.recipe, **life.stage_kwargs(pre))
+        assert config.knowledge_probe is None
+
+
+# ------------------------------------------------------------------------------------------ ranges, choices
+
+
+def test_every_range_and_choice_names_a_key_of_a_stage():
+    """A misspelt key in the tables would check nothing."""
+    from hfrecipes.recipe import CHOICES, RANGES, _fields
+    from hfrecipes.stages import get_stage
+
+    fields = {k: cls for s in STAGES for k, (cls, _, _) in _fields(get_stage(s).DATACLASSES).items()}
+    assert not set(RANGES) - set(fields)
+    for owner, key in CHOICES:
+        assert any(owner in [c.__name__ for c in cls.__mro__] for k, cls in fields.items() if k == key), (owner, key)
+
+
+# (stage, flag, value, range shown): a number outside its physical range, refused when parsed
+OUT_OF_RANGE = [
+    ("pretrain", "--max_steps", "-5", "[-1, inf]"),
+    ("pretrain", "--seed", "-1", "[0, 4294967295]"),
+    ("pretrain", "--pue", "0.5", "[1, inf]"),
+    ("pretrain", "--grid_gco2_per_kwh", "-10", "[0, inf]"),
+    ("sft", "--device_price_per_hour", "-2", "[0, inf]"),
+    ("sft", "--device_power_watts", "0", "(0, inf]"),
+    ("sft", "--gold_every", "0", "[1, inf]"),
+    ("sft", "--gold_drop", "1.5", "[0, 1]"),
+    ("sft", "--label_smoothing_factor", "1", "[0, 1)"),
+    ("sft", "--save_total_limit", "0", "[1, inf]"),
+    ("dpo", "--label_smoothing", "0.5", "[0, 0.5)"),
+    ("dpo", "--loss_weights", "1", "-1", "[0, inf]"),
+    ("grpo", "--top_p", "0", "(0, 1]"),
+    ("grpo", "--min_p", "1.5", "[0, 1]"),
+    ("grpo", "--top_k", "-1", "[0, inf]"),
+    ("grpo", "--vllm_gpu_memory_utilization", "1.2", "(0, 1]"),
+    ("grpo", "--epsilon", "-0.2", "(0, inf]"),
+    ("grpo", "--num_iterations", "0", "[1, inf]"),
+    ("ppo", "--gamma", "1.5", "[0, 1]"),
+    ("ppo", "--lam", "-0.1", "[0, 1]"),
+    ("ppo", "--kl_coef", "-1", "[0, inf]"),
+    ("ppo", "--cliprange", "0", "(0, inf]"),
+]
+
+
+@pytest.mark.parametrize("row", OUT_OF_RANGE, ids=lambda r: f"{r[0]}{r[1]}={','.join(r[2:-1])}")
+def test_number_outside_its_range_is_refused_naming_key_and_range(row):
+    stage, flag, *values, span = row
+    with pytest.raises(UsageError) as e:
+        parse_stage_args(stage, f"tiny/{stage}", [flag, *values])
+    message = str(e.value)
+    assert f"'{flag[2:]}" in message and span in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize(
+    "stage,key,value,words",
+    [
+        ("grpo", "loss_type", "gspo", ["loss_type", "'gspo'", "'dapo'"]),
+        ("grpo", "importance_sampling_level", "word", ["importance_sampling_level", "'sequence'"]),
+        ("dpo", "f_divergence_type", "kl", ["f_divergence_type", "'forward_kl'"]),
+    ],
+)
+def test_a_value_the_library_checks_only_in_training_is_refused_when_parsed(stage, key, value, words):
+    with pytest.raises(UsageError) as e:
+        parse_stage_args(stage, f"tiny/{stage}", **{key: value})
+    for w in words:
+        assert w in str(e.value)

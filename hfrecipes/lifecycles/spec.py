@@ -21,7 +21,7 @@ from typing import Any
 
 from hfrecipes.errors import UsageError
 from hfrecipes.lifecycles.claims import KINDS, Claim, kind_of
-from hfrecipes.recipe import check_values, load_yaml, resolve_recipe
+from hfrecipes.recipe import NULL_WORDS, check_values, load_yaml, resolve_recipe
 from hfrecipes.stages import STAGES, facts
 
 EXPORT = "export"  # the export folder in the run folder, and the name `--force export` reruns it by
@@ -435,7 +435,7 @@ def parse_sets(sets: list[str]) -> dict[str, dict[str, Any]]:
             out.setdefault(stage, {})[name] = value
             continue
         try:
-            out.setdefault(stage, {})[name] = yaml.safe_load(value)
+            out.setdefault(stage, {})[name] = None if value in NULL_WORDS else yaml.safe_load(value)
         except yaml.YAMLError:
             raise UsageError(f"--set '{item}': the value is not valid YAML.") from None
     return copy.deepcopy(out)
