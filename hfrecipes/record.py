@@ -84,6 +84,24 @@ class Heldout:
 
 
 @dataclass(frozen=True)
+class GoldBlock:
+    """The gold check (`hfrecipes.gold`): every check's proxy reward and gold accuracy (`history`), the best check,
+    a reward-hacking flag, why training stopped and whose weights were kept."""
+
+    metric: str | None = None
+    dataset: str | None = None
+    split: str | None = None
+    examples: int | None = _number()
+    every: int | None = _number()
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    hacking: dict[str, Any] | None = None
+    stopped: str | None = None
+    kept_step: int | None = _number()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelBlock:
     architecture: str | None = None
     head: str | None = None  # a key of `modeling.HEADS`
@@ -145,6 +163,7 @@ class MetricsBlock:
     first_logged_loss: float | None = _number()
     last_logged_loss: float | None = _number()
     heldout: Heldout | None = None
+    gold: GoldBlock | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -286,6 +305,8 @@ class Record:
             )
         m = dict(raw.get("metrics") or {})
         heldout = Heldout.parse(m.pop("heldout", None), f"{where}: metrics.heldout")
+        gold = m.pop("gold", None)
+        gold = _take(GoldBlock, gold, f"{where}: metrics.gold") if gold is not None else None
         metrics = _take(MetricsBlock, m, f"{where}: metrics")
         top = {f.name for f in fields(cls)} - {"extra"}
         parent = raw.get("parent")
@@ -301,7 +322,7 @@ class Record:
             model=_take(ModelBlock, raw.get("model"), f"{where}: model"),
             data=_take(DataBlock, raw.get("data"), f"{where}: data"),
             compute=_take(ComputeBlock, raw.get("compute"), f"{where}: compute"),
-            metrics=MetricsBlock(**{**metrics.__dict__, "heldout": heldout}),
+            metrics=MetricsBlock(**{**metrics.__dict__, "heldout": heldout, "gold": gold}),
             **{k: _take(b, raw[k], f"{where}: {k}") if raw.get(k) is not None else None for k, b in BLOCKS.items()},
             parent=cls.parse(parent, f"{where}: parent") if parent else None,
             extra={k: v for k, v in raw.items() if k not in top},

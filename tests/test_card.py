@@ -12,6 +12,7 @@ from conftest import device_kind
 
 import hfrecipes
 from hfrecipes import costs, data, record
+from hfrecipes.errors import UsageError
 from hfrecipes.report import card
 from hfrecipes.report import format as fmt
 
@@ -334,3 +335,34 @@ def test_a_reward_models_card_takes_its_pipeline_tag_and_auto_class_from_the_hea
     text = str(card.render(rec))
     assert ModelCard(text).data.to_dict()["pipeline_tag"] == "text-classification"
     assert "AutoModelForSequenceClassification.from_pretrained(" in text and "from vllm import LLM" not in text
+
+
+def test_gold_check_is_a_typed_block_the_card_and_its_plot_read(tmp_path):
+    history = [
+        {"step": 0, "gold": 0.2, "proxy": 0.1},
+        {"step": 5, "gold": 0.6, "proxy": 0.4, "by_group": {"add": 0.7}},
+        {"step": 10, "gold": 0.3, "proxy": 0.9},
+    ]
+    gold = {
+        "metric": "accuracy",
+        "dataset": "tiny:prompts",
+        "split": "validation",
+        "examples": 16,
+        "every": 5,
+        "history": history,
+        "best": {"step": 5, "gold": 0.6},
+        "hacking": {"step": 10, "gold": 0.3, "best_gold": 0.6, "proxy": 0.9, "proxy_at_best": 0.4},
+        "stopped": "reward_hacking",
+        "kept_step": 5,
+    }
+    rec = _synthetic(metrics={"steps": 10, "gold": gold})
+    parsed = record.Record.parse(rec).metrics
+    assert parsed.gold.best == {"step": 5, "gold": 0.6} and "gold" not in parsed.extra
+    card.write_card(tmp_path, rec)
+    text = " ".join((tmp_path / "README.md").read_text().split())
+    assert "Reward hacking flagged at step 10: gold accuracy fell to 30.0% from its best 60.0%" in text
+    assert "Best gold accuracy 60.0% at step 5 (add 70.0%)" in text
+    assert "The saved weights are those of step 5 (the best gold check)." in text
+    assert (tmp_path / "gold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](gold.png)" in text
+    with pytest.raises(UsageError, match=r"metrics.gold.kept_step: expected a number"):
+        record.Record.parse(_synthetic(metrics={"gold": {**gold, "kept_step": "best"}}))

@@ -33,13 +33,13 @@ SUMMED = ("steps", "wall_seconds", "tokens", "flops", "dollars")  # the lineage'
 def _gold(r: Record) -> dict[str, Any] | None:
     """The stage's gold check (`hfrecipes.gold`) without its history: best, hacking, why it stopped, what it kept;
     the first and last checks' proxy and gold beside them."""
-    gold = r.metrics.extra.get("gold")
-    if not isinstance(gold, dict):
+    gold = r.metrics.gold
+    if gold is None:
         return None
-    history = gold.get("history") or []
+    history = gold.history
     keep = ("metric", "best", "hacking", "stopped", "kept_step", "every")
     return {
-        **{k: gold.get(k) for k in keep},
+        **{k: getattr(gold, k) for k in keep},
         "checks": len(history),
         "first": history[0] if history else None,
         "last": history[-1] if history else None,

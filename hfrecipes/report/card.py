@@ -177,12 +177,12 @@ def card_data(r: Record, lineage: Lineage):
     )
 
 
-def gold_text(gold: dict[str, Any] | None, plots: list[dict[str, str]]) -> dict[str, Any] | None:
+def gold_text(gold: records.GoldBlock | None, plots: list[dict[str, str]]) -> dict[str, Any] | None:
     """The card's gold-check section from the record's `metrics.gold`: what was checked, the best check, the hacking
     flag, why training stopped and whose weights were saved; None without a gold check."""
-    if not isinstance(gold, dict) or not gold.get("history"):
+    if gold is None or not gold.history:
         return None
-    history, best, flag = gold["history"], gold.get("best") or {}, gold.get("hacking")
+    history, best, flag = gold.history, gold.best or {}, gold.hacking
     last = history[-1]["step"]
     groups = next((h.get("by_group") for h in history if h["step"] == best.get("step")), None) or {}
     if flag:
@@ -195,23 +195,23 @@ def gold_text(gold: dict[str, Any] | None, plots: list[dict[str, str]]) -> dict[
         hacking = "No reward hacking flagged: gold accuracy never fell far below its best while the proxy rose."
     else:
         hacking = None  # a stage with no proxy reward (SFT) has nothing to game
-    stopped = gold.get("stopped")
+    stopped = gold.stopped
     if stopped == "plateau":
         outcome = f"Training stopped at the plateau at step {last}."
     elif stopped == "reward_hacking":
         outcome = f"Training stopped for reward hacking at step {last}."
     else:
         outcome = f"Training ran to its last step ({last})."
-    kept = gold.get("kept_step")
+    kept = gold.kept_step
     if kept is not None:
         which = "the best gold check" if kept == best.get("step") and kept != last else "the last step"
         outcome += f" The saved weights are those of step {kept} ({which})."
     return {
-        "metric": gold.get("metric"),
-        "dataset": gold.get("dataset"),
-        "split": gold.get("split"),
-        "examples": gold.get("examples"),
-        "every": gold.get("every"),
+        "metric": gold.metric,
+        "dataset": gold.dataset,
+        "split": gold.split,
+        "examples": gold.examples,
+        "every": gold.every,
         "checks": len(history),
         "best_step": best.get("step"),
         "best": fmt.pct(best.get("gold")),
@@ -363,7 +363,7 @@ def render(
     values = dict(last.recipe.get("values", {}))
     counters = ("steps", "train_loss", "first_logged_loss", "last_logged_loss")
     metrics = {k: getattr(r.metrics, k) for k in counters if getattr(r.metrics, k) is not None}
-    metrics |= {k: v for k, v in r.metrics.extra.items() if k != "gold"}
+    metrics |= r.metrics.extra
     auto_class = HEADS[head(r)].auto_class
     return ModelCard.from_template(
         card_data(r, lineage),
@@ -388,7 +388,7 @@ def render(
         break_even=serve.break_even,
         flops_break_even=serve.flops_break_even,
         heldout=heldout_line(r.metrics.heldout),
-        gold=gold_text(r.metrics.extra.get("gold"), plots),
+        gold=gold_text(r.metrics.gold, plots),
         metrics=metrics,
         adapter=r.model.adapter,
         gguf=exported.gguf if exported else None,

@@ -78,23 +78,23 @@ def existing_plots(folder: str | Path) -> list[dict[str, str]]:
 def write_gold_plot(folder: str | Path, r: Record) -> list[dict[str, str]]:
     """`gold.png` from the record's gold check: gold accuracy and the proxy reward against step, on twin axes (the
     two have different scales), the best check and a hacking flag marked."""
-    gold = r.metrics.extra.get("gold")
-    if not isinstance(gold, dict) or not gold.get("history"):
+    gold = r.metrics.gold
+    if gold is None or not gold.history:
         return []
     records.atomic_write_bytes(Path(folder) / GOLD_PLOT, _gold_plot(gold))
     return [{"title": "gold", "file": GOLD_PLOT}]
 
 
-def _gold_plot(gold: dict[str, Any]) -> bytes:
-    history = gold["history"]
+def _gold_plot(gold: records.GoldBlock) -> bytes:
+    history = gold.history
     fig = _figure(6, 3.5)
     ax = fig.add_subplot()
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["gold"] for h in history], marker=".", color="tab:blue", label=f"gold {gold.get('metric')}")
+    ax.plot(steps, [h["gold"] for h in history], marker=".", color="tab:blue", label=f"gold {gold.metric}")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"gold ({gold.get('dataset')}, {gold.get('split')})", color="tab:blue")
+    ax.set_ylabel(f"gold ({gold.dataset}, {gold.split})", color="tab:blue")
     ax.grid(alpha=0.3)
-    best, flag = gold.get("best") or {}, gold.get("hacking")
+    best, flag = gold.best or {}, gold.hacking
     if best.get("step") is not None:
         ax.axvline(best["step"], color="tab:green", linestyle=":", label=f"best gold (step {best['step']})")
     if flag:
