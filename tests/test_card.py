@@ -366,3 +366,18 @@ def test_gold_check_is_a_typed_block_the_card_and_its_plot_read(tmp_path):
     assert (tmp_path / "gold.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](gold.png)" in text
     with pytest.raises(UsageError, match=r"metrics.gold.kept_step: expected a number"):
         record.Record.parse(_synthetic(metrics={"gold": {**gold, "kept_step": "best"}}))
+
+
+def test_card_shows_the_serving_cost_generation_recorded_not_a_recomputation():
+    """Where the inference block holds `costs.serving`'s answer as generation priced it, the card states that answer;
+    without it (an older record) the card prices the recorded rates through the same function."""
+    device = {"kind": "cuda", "name": "NVIDIA L4"}
+    measured = {"prefill_tokens_per_second": 9000.0, "decode_tokens_per_second": 1000.0, "device": device}
+    rec = _synthetic(inference=measured)
+    priced = costs.serving(1000, device, prefill_tokens_per_second=9000.0, decode_tokens_per_second=1000.0)
+    row = next(r for r in _table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
+    assert row[1] == fmt.money(priced["dollars_per_million_output_tokens"])
+    recorded = {**priced, "dollars_per_million_output_tokens": 12.34, "price_per_hour": 44.4}
+    rec = _synthetic(inference={**measured, "serving": recorded})
+    row = next(r for r in _table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
+    assert row[1] == "$12.3"
