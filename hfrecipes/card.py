@@ -1,6 +1,6 @@
 """The model card lives in the report layer (`hfrecipes.report.card`, its numbers in `report.lineage`, its
-formatters in `report.format`). These names stay importable from here for the modules that import them so:
-`inference` (re-renders a folder's card), `stages.grpo` (`OwnsCard`) and `lifecycles.claims` (`FORMATS`).
+formatters in `report.format`). These names stay importable from here for `inference` (which re-renders a folder's
+card after generation) and `lifecycles.claims` (`FORMATS`).
 """
 
 from hfrecipes.report.card import OwnsCard, write_card

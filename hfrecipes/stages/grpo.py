@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import trl
 
-from hfrecipes import card, data, engines, evaluation, gold, modeling, record, rewards, vllm_support
+from hfrecipes import data, engines, evaluation, gold, modeling, record, rewards, vllm_support
 from hfrecipes.data import ScriptArguments
 from hfrecipes.errors import UsageError
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
+from hfrecipes.report import card
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import (
