@@ -49,8 +49,14 @@ def _take(cls, raw: dict[str, Any] | None, where: str):
     return cls(**known, extra=raw)
 
 
-def _number(default=None):
-    return field(default=default, metadata={"number": True})
+def _number(default=None, summed: bool = False):
+    """A numeric field; `summed`: a stage's share of a lineage total (the card and summary add it up over stages)."""
+    return field(default=default, metadata={"number": True, "summed": summed})
+
+
+def summed_fields(cls) -> tuple[str, ...]:
+    """The fields of a block that a lineage total adds up over its stages."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("summed"))
 
 
 @dataclass(frozen=True)
@@ -129,12 +135,15 @@ class DataBlock:
 
 @dataclass(frozen=True)
 class ComputeBlock:
-    flops_6nd: float | None = _number()
+    """What a stage's training took and cost. The `summed` fields add up over a lineage: a new cost field declared
+    so here, computed in `costs.stage_costs` and named in the card's template is on the card and in its totals."""
+
+    flops_6nd: float | None = _number(summed=True)
     flops_trainer: float | None = _number()
-    wall_seconds: float | None = _number()
+    wall_seconds: float | None = _number(summed=True)
     device: dict[str, Any] | None = None
     distributed: dict[str, Any] | None = None
-    device_hours: float | None = _number()
+    device_hours: float | None = _number(summed=True)
     tokens_per_second: float | None = _number()
     cost_device: str | None = None
     price_per_hour: float | None = _number()
@@ -142,9 +151,9 @@ class ComputeBlock:
     power_watts: float | None = _number()
     pue: float | None = _number()
     grid_gco2_per_kwh: float | None = _number()
-    dollars: float | None = _number()
-    energy_kwh: float | None = _number()
-    co2_kg: float | None = _number()
+    dollars: float | None = _number(summed=True)
+    energy_kwh: float | None = _number(summed=True)
+    co2_kg: float | None = _number(summed=True)
     co2_source: str | None = None
     mfu: float | None = _number()
     steady: dict[str, Any] | None = None

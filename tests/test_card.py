@@ -381,3 +381,16 @@ def test_card_shows_the_serving_cost_generation_recorded_not_a_recomputation():
     rec = _synthetic(inference={**measured, "serving": recorded})
     row = next(r for r in _table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
     assert row[1] == "$12.3"
+
+
+def test_every_summed_field_of_the_compute_block_is_in_the_lineage_totals():
+    """The schema says which compute fields add up over a lineage; the totals follow it, so a new cost field needs
+    no edit to the summing code."""
+    from hfrecipes.report.lineage import COMPUTE_NAMES, lineage_numbers
+
+    child = _synthetic(parent=_synthetic())
+    numbers = lineage_numbers(record.Record.parse(child))
+    compute = child["compute"]
+    assert set(COMPUTE_NAMES) == set(record.summed_fields(record.ComputeBlock)) >= {"dollars", "co2_kg"}
+    for key, name in COMPUTE_NAMES.items():
+        assert numbers.total[name] == pytest.approx(2 * compute[key]), key

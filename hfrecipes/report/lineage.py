@@ -25,7 +25,9 @@ from hfrecipes.record import Record
 
 EXPORT = "export"  # the one record that trains nothing: it merges and writes a serving folder
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SUMMED = ("tokens", "steps", "wall_seconds", "device_hours", "flops", "dollars", "energy_kwh", "co2_kg")
+# The compute block's summed fields by the names the card's front matter gives them (6·N·D is its `flops`).
+COMPUTE_NAMES = {k: {"flops_6nd": "flops"}.get(k, k) for k in records.summed_fields(records.ComputeBlock)}
+SUMMED = ("tokens", "steps", *COMPUTE_NAMES.values())
 
 
 class Lineage(NamedTuple):
@@ -67,12 +69,7 @@ def stage_numbers(r: Record) -> dict[str, Any]:
         "data": ", ".join(_data_name(str(x["name"])) for x in r.data.datasets) or "n/a",
         "tokens": r.data.tokens_seen,
         "steps": r.metrics.steps,
-        "wall_seconds": r.compute.wall_seconds,
-        "device_hours": r.compute.device_hours,
-        "flops": r.compute.flops_6nd,
-        "dollars": r.compute.dollars,
-        "energy_kwh": r.compute.energy_kwh,
-        "co2_kg": r.compute.co2_kg,
+        **{name: getattr(r.compute, key) for key, name in COMPUTE_NAMES.items()},
         "knowledge_cutoff": (r.data.knowledge_cutoff or {}).get("date"),
     }
 
