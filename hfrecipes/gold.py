@@ -406,12 +406,14 @@ class BestCheckpoint:
             state.best_metric = gold
         previous, self.own = self.own, None
         if not _broadcast(trainer.args.should_save and record.checkpoint_is_complete(Path(path))):
-            if control is None:
-                trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-                self.own = path
-            else:
+            if control is not None:
                 self.own = None if control.should_save else path
                 control.should_save = True
+                self._remove(previous)
+                return
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+            self.own = path
+        self._check_every_process_reads(path)
         self._remove(previous)
 
     def restore(self, step: int) -> None:
@@ -426,6 +428,20 @@ class BestCheckpoint:
         if self.own is not None and self.trainer.state.best_model_checkpoint == self.own:
             self.trainer.state.best_model_checkpoint = None
         self.own = None
+
+    def _check_every_process_reads(self, path: str) -> None:
+        """Every process loads the checkpoint back at the end: one that cannot read it (another machine whose
+        output_dir is not the same storage) stops the run now, at the first check, not after training."""
+        from accelerate.utils import gather_object
+
+        self.trainer.accelerator.wait_for_everyone()  # the main process writes trainer_state.json last
+        blind = [i for i, seen in enumerate(gather_object([record.checkpoint_is_complete(Path(path))])) if not seen]
+        if blind:
+            raise UsageError(
+                f"gold_keep_best: process(es) {blind} cannot read the checkpoint {path} the main process saved, so "
+                "they could not load the best weights back at the end. Put output_dir on storage every machine "
+                "shares, or set save_on_each_node: true (each machine then keeps its own copy)."
+            )
 
     def _remove(self, path: str | None) -> None:
         self.trainer.accelerator.wait_for_everyone()

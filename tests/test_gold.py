@@ -298,6 +298,42 @@ def test_ppo_records_gold_beside_its_rollout_score(tiny_sft, tmp_path):
     assert "### Gold check" in (out.output_dir / "README.md").read_text()
 
 
+def test_ppo_keeps_the_best_gold_checks_weights(tiny_sft, tmp_path, monkeypatch):
+    """PPO's own loop keeps the best check as a Trainer checkpoint and loads it back at the end: with the step-0
+    check scripted best, the saved policy is the starting model although three steps trained it."""
+    from safetensors.torch import load_file
+
+    golds = iter([0.5, 0.1, 0.2])
+    monkeypatch.setattr(gold.GoldCheck, "evaluate", lambda self, model: {"accuracy": next(golds)})
+    out = hfrecipes.ppo(
+        "tiny/ppo",
+        model_name_or_path=str(tiny_sft.output_dir),
+        output_dir=str(tmp_path / "ppo"),
+        reward_model_path=None,
+        reward_funcs=["accuracy"],
+        per_device_train_batch_size=8,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        max_new_tokens=8,
+        heldout_max_prompts=4,
+        max_steps=3,
+        save_strategy="no",
+        **GOLD,
+        gold_every=2,
+        gold_keep_best=True,
+    )
+    g = out.record["metrics"]["gold"]
+    assert (
+        [h["step"] for h in g["history"]] == [0, 2, 3] and g["kept_step"] == 0 and out.record["metrics"]["steps"] == 3
+    )
+    saved, start = (
+        load_file(out.output_dir / "model.safetensors"),
+        load_file(tiny_sft.output_dir / "model.safetensors"),
+    )
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+    assert not list(out.output_dir.glob("checkpoint-*"))
+
+
 @pytest.fixture(scope="module")
 def knows_gold(tiny_sft, tmp_path_factory):
     """The tiny SFT model taught the first gold problems' clean replies: the tiny fixtures are too short to learn

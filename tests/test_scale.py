@@ -1,7 +1,7 @@
 """Scale-out on one CPU: the accelerate configs load in accelerate and `hfrecipes launch` builds and checks the launch;
-every stage runs under DDP, DeepSpeed ZeRO-2 and ZeRO-3 with two gloo processes, FSDP2 shards for real, a ZeRO-3 PPO
-run killed with SIGKILL resumes from its DeepSpeed checkpoint, and two "machines" (two launchers on one box) train as
-one.
+every stage runs under DDP, DeepSpeed ZeRO-2 and ZeRO-3 with two gloo processes, FSDP2 shards for real, SFT keeps its
+best gold check's weights under each, a ZeRO-3 PPO run killed with SIGKILL resumes from its DeepSpeed checkpoint, and
+two "machines" (two launchers on one box) train as one.
 
 Each engine's stages run in one `accelerate launch` (tests/engine_driver.py), once per module, and are compared with
 the same stages in one process with the same global batch."""
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_deepspeed, needs_processes, subprocess_env
+from test_gold import rescored_gold
 
 import hfrecipes
 from hfrecipes import cli
@@ -123,10 +124,18 @@ def test_a_launched_stage_refuses_before_any_model_loads(env, overrides, words, 
 
 ENGINES = ["ddp", "zero2", "zero3", "fsdp2"]
 GLOBAL_BATCH = 8
-# The tiny recipes' gold check (and SFT's best-gold weights, refused under ZeRO-3/FSDP) is off here: these runs compare
-# the engines' training. The pretrain's knowledge probe stays on: it runs a forward with no backward after training,
-# which a sharded save must survive.
+# The tiny recipes' gold check is off here but in SFT (below): these runs compare the engines' training. The
+# pretrain's knowledge probe stays on: it runs a forward with no backward after training, which a sharded save must
+# survive.
 NO_GOLD = dict(gold_dataset_name=None, gold_patience=None, gold_keep_best=False)
+# SFT checks gold at every step and keeps the best check's weights (gold_keep_best): its gold set's references are the
+# greedy replies of the one-process model after step 1 (`_step1_gold`), so step 1 is the best of the checks at steps
+# 0, 1 and 2, and every engine must save step 1's weights although it trained step 2.
+GOLD_PROMPTS = 16
+GOLD_OPTIONS = dict(
+    gold_answer_column="solution", gold_group_column=None, gold_every=1, gold_max_new_tokens=8, gold_patience=None,
+    gold_keep_best=True,
+)  # fmt: skip
 # fp32 throughout, as the launches' `--mixed_precision no` says: on a GPU the stages would default to bf16 and TF32,
 # whose rounding the equality bounds below are not set for.
 COMMON = dict(
@@ -191,7 +200,10 @@ def _plan(root: Path, parents: dict[str, str], processes: int, engine: str) -> l
             kw["tokenizer_name_or_path"] = parents["pretrained"]
         if stage in ("ppo", "grpo"):  # the reward stage's model scores the replies (GRPO: beside the answer check)
             kw["reward_model_path"] = str(root / "reward")
-        plan.append((stage, {k: v for k, v in kw.items() if v is not None}))
+        if name == "sft" and parents.get("gold"):
+            kw.update(GOLD_OPTIONS, gold_dataset_name=parents["gold"])
+        # None leaves the recipe's value, but for a gold key, where it turns the recipe's check off
+        plan.append((stage, {k: v for k, v in kw.items() if v is not None or k.startswith("gold_")}))
     return plan
 
 
@@ -208,11 +220,35 @@ def _stderr_tail(r) -> str:
     return "\n".join(line for line in r.stderr.splitlines() if "Warning" not in line)[-6000:]
 
 
+def _step1_gold(root: Path, parents: dict[str, str]) -> tuple[str, str]:
+    """The one-process SFT of the plan stopped after its first step (the learning rate is still warming up, as at
+    step 1 of the two-step runs), and a gold file whose references are its greedy replies to the first gold prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from hfrecipes import evaluation, gold, modeling
+
+    sft = next(kw for stage, kw in _plan(root, parents, 1, "ddp") if kw["output_dir"].endswith("/sft"))
+    step1 = hfrecipes.sft(**{**sft, "max_steps": 1})
+    (script_args, args, _), _ = hfrecipes.parse_stage_args(
+        "sft", "tiny/sft", output_dir=str(root / "unused"), gold_samples=GOLD_PROMPTS, gold_group_column=None
+    )
+    prompts = gold.load(script_args, args, "sft").prompts
+    model = AutoModelForCausalLM.from_pretrained(step1.output_dir)
+    tokenizer = modeling.load_tokenizer(str(step1.output_dir))
+    replies = evaluation.greedy_replies(model, tokenizer, prompts, GOLD_OPTIONS["gold_max_new_tokens"])
+    path = root / "gold.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "solution": r}) + "\n" for p, r in zip(prompts, replies, strict=True))
+    )
+    return str(step1.output_dir), str(path)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_pretrained, tiny_sft, tmp_path_factory):
     """Every engine's stages, launched once each on demand, and the same stages in one process."""
     root = tmp_path_factory.mktemp("engines")
     parents = {"pretrained": str(tiny_pretrained.output_dir), "sft": str(tiny_sft.output_dir)}
+    parents["step1"], parents["gold"] = _step1_gold(root / "step1", parents)
     done: dict[str, Path] = {}
 
     def get(engine: str) -> Path:
@@ -282,17 +318,12 @@ def _changes_agree(folder: Path, reference: Path, start: str) -> tuple[float, fl
 
 
 def _same_weights(a: Path, b: Path) -> float:
-    """Largest element difference; the key sets must agree, but for a tied copy of the embeddings (ZeRO-2's and
-    FSDP2's gathered state dicts keep `lm_head.weight`, which the one-process save drops as a duplicate)."""
+    """Largest element difference; the two folders must hold the same tensor names (the tiny model ties its input
+    and output embeddings: a folder holds them once, whatever engine gathered its weights) and shapes."""
     wa, wb = _weights(a), _weights(b)
-    extra = set(wa) ^ set(wb)
-    tied = {k for k in extra if k == "lm_head.weight"}
-    assert extra == tied, f"{a} and {b} hold different tensors: {sorted(extra)[:5]}"
-    for k in tied:
-        w = wa if k in wa else wb
-        assert (w[k] == w["model.embed_tokens.weight"]).all(), "lm_head.weight is not the tied embeddings"
-    assert all(wa[k].shape == wb[k].shape for k in wa if k in wb), "a tensor was saved as a partition"
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if k in wb)
+    assert wa.keys() == wb.keys(), f"{a} and {b} hold different tensors: {sorted(set(wa) ^ set(wb))[:5]}"
+    assert all(wa[k].shape == wb[k].shape for k in wa), "a tensor was saved as a partition"
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
 
 
 # Every launch below runs two processes on this machine (gloo processes on a CPU, a GPU each on a GPU machine).
@@ -369,6 +400,27 @@ def test_every_stage_under_two_processes(engine, runs):
 
 @pytest.mark.slow
 @two_processes
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_sft_keeps_its_best_gold_checkpoint_under_every_engine(engine, runs):
+    """gold_keep_best under two processes: SFT's gold check at steps 0, 1 and 2 finds step 1 best, and the folder
+    holds step 1's weights (the one-process model stopped after step 1, to the engines' tolerance; scored again, the
+    recorded best gold) though the run trained step 2, with no checkpoint left behind; ZeRO-3 and FSDP2 save and load
+    that checkpoint with no process holding the whole model."""
+    folder = runs(engine) / "sft"
+    rec = json.loads((folder / "record.json").read_text())
+    g = rec["metrics"]["gold"]
+    golds = {h["step"]: h["gold"] for h in g["history"]}
+    assert sorted(golds) == [0, 1, 2] and golds[1] == 1.0 > golds[2], golds  # step 2 changed some replies
+    assert g["best"] == {"step": 1, "gold": 1.0} and g["kept_step"] == 1 and rec["metrics"]["steps"] == 2
+    assert sorted(_losses(folder)) == [1, 2]
+    assert _same_weights(folder, Path(runs.parents["step1"])) < WEIGHT_TOL
+    assert rescored_gold(folder, gold_dataset_name=runs.parents["gold"], **GOLD_OPTIONS) == 1.0
+    assert not list(folder.glob("checkpoint-*")), "the checkpoint kept for the gold check was left behind"
+    assert "The saved weights are those of step 1 (the best gold check)" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
+@two_processes
 @needs_deepspeed
 def test_lora_under_zero3_exports_and_loads(runs, tmp_path):
     """A LoRA adapter trained under ZeRO-3 names its base, merges in `hfrecipes export` and loads as a plain
@@ -401,9 +453,11 @@ def test_two_machines_on_one_box_train_as_one(runs, tmp_path):
     """The README's multi-node command with two machines of one process each, both on this box: two `accelerate
     launch` processes (`--num_machines 2 --machine_rank 0|1 --main_process_ip 127.0.0.1`), each with its own output
     folder as on two machines. They train as the single-machine two-process ZeRO-3 run does, and the record says
-    two machines."""
+    two machines. Each machine keeps its own copy of the best gold check's checkpoint (save_on_each_node), which it
+    loads back at the end."""
     single = runs("zero3") / "sft"
     sft = next(kw for stage, kw in _plan(tmp_path, runs.parents, 2, "zero3") if kw["output_dir"].endswith("/sft"))
+    sft["save_on_each_node"] = True
     port = _free_port()
     procs = []
     for machine in (0, 1):
