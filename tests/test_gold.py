@@ -265,22 +265,21 @@ def test_sft_stops_at_its_gold_plateau(tiny_sft, tmp_path):
     assert (out.output_dir / "gold.png").is_file() and "(gold.png)" in card
 
 
+# three PPO steps of 8 rollouts, the accuracy reward, a gold check at steps 0, 2 and 3
+PPO = dict(
+    reward_model_path=None, reward_funcs=["accuracy"], per_device_train_batch_size=8, num_mini_batches=1,
+    num_ppo_epochs=1, max_steps=3, save_strategy="no", **GOLD, gold_every=2,
+)  # fmt: skip
+
+
 def test_ppo_records_gold_beside_its_rollout_score(tiny_sft, tmp_path):
     out = hfrecipes.ppo(
         "tiny/ppo",
         model_name_or_path=str(tiny_sft.output_dir),
         output_dir=str(tmp_path / "ppo"),
-        reward_model_path=None,
-        reward_funcs=["accuracy"],
-        per_device_train_batch_size=8,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
         max_new_tokens=14,
         heldout_max_prompts=8,
-        max_steps=3,
-        save_strategy="no",
-        **GOLD,
-        gold_every=2,
+        **PPO,
     )
     m = out.record["metrics"]
     g = m["gold"]
@@ -309,17 +308,9 @@ def test_ppo_keeps_the_best_gold_checks_weights(tiny_sft, tmp_path, monkeypatch)
         "tiny/ppo",
         model_name_or_path=str(tiny_sft.output_dir),
         output_dir=str(tmp_path / "ppo"),
-        reward_model_path=None,
-        reward_funcs=["accuracy"],
-        per_device_train_batch_size=8,
-        num_mini_batches=1,
-        num_ppo_epochs=1,
         max_new_tokens=8,
         heldout_max_prompts=4,
-        max_steps=3,
-        save_strategy="no",
-        **GOLD,
-        gold_every=2,
+        **PPO,
         gold_keep_best=True,
     )
     g = out.record["metrics"]["gold"]
