@@ -86,11 +86,11 @@ def base_text(base: Record | None) -> dict[str, Any] | None:
 
 def _row(n: dict[str, Any], missing: dict[str, list[str]] | None = None) -> dict[str, str]:
     est = "~" if n.get("estimate") else ""  # an estimate from published figures, marked in the table
-    partial = {k: "≥" if k in (missing or {}) else "" for k in ("tokens", "steps", "device_hours", "flops", "dollars")}
+    partial = {k: "≥" if k in (missing or {}) else "" for k in n}  # a total that leaves out a stage
     return {
         "tokens": partial["tokens"] + fmt.si(n["tokens"]),
         "steps": partial["steps"] + ("n/a" if n["steps"] is None else str(n["steps"])),
-        "wall": fmt.duration(n["wall_seconds"]),
+        "wall": partial["wall_seconds"] + fmt.duration(n["wall_seconds"]),
         "device_hours": est + partial["device_hours"] + fmt.num(n["device_hours"]),
         "flops": est + partial["flops"] + fmt.si(n["flops"]),
         "dollars": est + partial["dollars"] + fmt.money(n["dollars"]),
