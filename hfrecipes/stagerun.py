@@ -27,6 +27,7 @@ from typing import Any
 from hfrecipes import record, throughput
 from hfrecipes.costs import measured_emissions
 from hfrecipes.data import model_cutoff
+from hfrecipes.errors import UsageError
 from hfrecipes.record import Heldout
 from hfrecipes.report import card
 
@@ -94,8 +95,22 @@ class StageRun:
         self.co2_kg = co2.kg
         self.co2_failure = co2.failure
 
+    def abandon(self) -> None:
+        """A new run refused after `start`: the files it made go (its marker, the metrics log its callback opened),
+        and the folder too where nothing else is in it."""
+        if self.resume_from is None:
+            for name in (record.MARKER, "metrics.jsonl"):
+                (self.output_dir / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.output_dir.rmdir()
+
     def train(self, trainer, **kwargs):
         """`trainer.train()` from the checkpoint to resume (if any), measured."""
+        try:
+            check_examples(trainer)
+        except UsageError:
+            self.abandon()
+            raise
         with self.measured(trainer.is_world_process_zero()):
             return trainer.train(resume_from_checkpoint=self.resume_from, **kwargs)
 
@@ -215,3 +230,20 @@ def consumed_tokens(trainer) -> int:
         logged[-1] if logged else 0,
     )
     return int(max(c for c in counts if isinstance(c, (int, float))))
+
+
+def check_examples(trainer) -> None:
+    """The trainer's tokenized training set holds an example: TRL drops a row that a length limit leaves with no
+    token to train on (a prompt as long as max_length), and an empty set fails in the sampler as a bare ValueError."""
+    data = getattr(trainer, "train_dataset", None)
+    if data is None or not hasattr(data, "__len__") or len(data) > 0:
+        return
+    limits = [
+        f"{k} {getattr(trainer.args, k)}" for k in ("max_length", "block_size") if getattr(trainer.args, k, None)
+    ]
+    cut = f" and cut to {limits[0]}" if limits else ""
+    fix = f"Raise {limits[0].split()[0]}" if limits else "Check the data"
+    raise UsageError(
+        f"no training example is left once the data is tokenized{cut}: every row lost the tokens it trains on "
+        f"(a prompt as long as the limit leaves no reply). {fix}."
+    )

@@ -350,6 +350,10 @@ CASES.update(
             [*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "qkv"],
             ["lora_target_modules ['qkv']", "q_proj", "all-linear"],
         ),
+        "max_length_below_the_prompt": (
+            [*DPO, "--max_length", "3", "--max_train_samples", "8", "--max_eval_samples", "8"],
+            ["no training example", "max_length 3", "Raise max_length"],
+        ),
         # a path named for something that must exist
         "resume_from_checkpoint_missing": (
             [*SFT, "--resume_from_checkpoint", "{user}/nope/checkpoint-5"],
