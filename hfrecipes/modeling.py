@@ -185,23 +185,53 @@ def train_tiny_tokenizer(texts, vocab_size: int, model_max_length: int):
     return train_tokenizer(texts, vocab_size=vocab_size, model_max_length=model_max_length)
 
 
-def config_from(source: str, overrides: dict[str, Any] | None, tokenizer, trust_remote_code: bool = False):
-    """A model config to initialise randomly: `tiny` (embedded) or a config folder/Hub id, with overrides.
+# Sizes of a model config that are counts of at least one (0 builds a model with no layers, heads or width).
+CONFIG_COUNTS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
-    The vocabulary and special-token ids follow the tokenizer, so a freshly trained tokenizer always fits.
-    """
+
+def check_init_overrides(default, config, overrides: dict[str, Any]) -> None:
+    """model_init_overrides names fields of the config and gives its sizes as counts. A config keeps a key it does
+    not know as a plain attribute, which the model ignores: a key `default` (the config without overrides) lacks and
+    `config` kept is unknown; one the config consumed (`rope_theta` into `rope_parameters`) is not."""
+    unknown = sorted(k for k in overrides if not hasattr(default, k) and hasattr(config, k))
+    if unknown:
+        raise UsageError(
+            f"model_init_overrides {unknown}: not a field of {type(config).__name__}, which would keep and ignore it. "
+            "Check the spelling against the model's config.json."
+        )
+    for key in CONFIG_COUNTS:
+        value = overrides.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"model_init_overrides: '{key}' has value {value!r}, expected a whole number >= 1.")
+
+
+def checked_init_config(source: str, overrides: dict[str, Any] | None, trust_remote_code: bool = False):
+    """The config `model_init_config` names with `model_init_overrides` applied, the overrides checked; no tokenizer
+    needed, so a stage checks it before any data or tokenizer work (`runner.run_stage`)."""
     from transformers import AutoConfig
 
     overrides = dict(overrides or {})
     if source == "tiny":
         from hfrecipes.tiny import tiny_config
 
-        config = tiny_config(**overrides)
+        default, config = tiny_config(), tiny_config(**overrides)
     else:
         try:
+            default = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **overrides)
         except (OSError, ValueError) as e:
             raise UsageError(f"model_init_config '{source}' could not be loaded: {e}") from None
+    check_init_overrides(default, config, overrides)
+    return config
+
+
+def config_from(source: str, overrides: dict[str, Any] | None, tokenizer, trust_remote_code: bool = False):
+    """A model config to initialise randomly: `tiny` (embedded) or a config folder/Hub id, with overrides.
+
+    The vocabulary and special-token ids follow the tokenizer, so a freshly trained tokenizer always fits.
+    """
+
+    config = checked_init_config(source, overrides, trust_remote_code)
     config.vocab_size = len(tokenizer)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id

@@ -34,6 +34,10 @@ def run_stage(stage: str, recipe: str | Path | None, cli_args: list[str] | None 
     args, resolved = parse_stage_args(stage, recipe, cli_args, **overrides)
     check_inputs({k: v for a in args for k, v in vars(a).items()}, resolved["path"] or "arguments")
     modeling.check_device(resolved["values"])
+    init = next((a for a in args if hasattr(a, "model_init_overrides")), None)
+    model_args = next((a for a in args if hasattr(a, "model_name_or_path")), None)
+    if init is not None and init.model_init_overrides and not model_args.model_name_or_path:
+        modeling.checked_init_config(init.model_init_config, init.model_init_overrides, model_args.trust_remote_code)
     engines.check_options(next((a for a in args if hasattr(a, "load_in_4bit")), None), stage)
     _convert_gguf(stage, args)
     push_to = hub.take_over_push(*args)

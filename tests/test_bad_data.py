@@ -319,6 +319,30 @@ BAD = [
         ["'model_init_overrides.rms_norm_eps'", "nan"],
     ),
     # numbers outside their physical range, values TRL checks only once training runs, paths that must exist
+    (
+        "pretrain-init-override-misspelt",
+        "pretrain",
+        "d.jsonl",
+        _jsonl([{"text": "Once upon a time."}]),
+        {
+            "model_name_or_path": None,
+            "train_tokenizer": True,
+            "model_init_overrides": {"num_hiden_layers": 2},
+        },
+        ["model_init_overrides ['num_hiden_layers']", "LlamaConfig"],
+    ),
+    (
+        "pretrain-init-override-no-layers",
+        "pretrain",
+        "d.jsonl",
+        _jsonl([{"text": "Once upon a time."}]),
+        {
+            "model_name_or_path": None,
+            "train_tokenizer": True,
+            "model_init_overrides": {"num_hidden_layers": 0},
+        },
+        ["'num_hidden_layers'", ">= 1"],
+    ),
     ("ppo-gamma-above-one", "ppo", "d.jsonl", _jsonl([{"prompt": "Hi"}]), {"gamma": 1.5}, ["'gamma'", "[0, 1]"]),
     ("sft-pue-below-one", "sft", "d.jsonl", _conversations(), {"pue": 0.9}, ["overrides", "'pue'", "[1, inf]"]),
     ("dpo-negative-price", "dpo", "d.jsonl", _jsonl([PAIR]), {"device_price_per_hour": -1.0}, ["[0, inf]"]),
@@ -347,6 +371,19 @@ BAD = [
         ["knowledge_probe", "./facts.jsonl", "does not exist"],
     ),
 ]
+
+
+def test_init_override_the_config_takes_under_another_name_is_kept():
+    """`rope_theta` is no attribute of a transformers 5 config, which files it in rope_parameters: not unknown."""
+
+    class Tokenizer:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+        def __len__(self):
+            return 300
+
+    config = modeling.config_from("tiny", {"rope_theta": 5e5, "num_hidden_layers": 1}, Tokenizer())
+    assert config.rope_parameters["rope_theta"] == 5e5 and config.num_hidden_layers == 1
 
 
 @pytest.fixture
