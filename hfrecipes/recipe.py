@@ -15,6 +15,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,24 @@ def check_values(values: dict[str, Any], dataclass_types, source: str) -> dict[s
     return checked
 
 
-# The values a library accepts for a key it checks only once training runs (GRPO's loss at its first step), by the
-# library class that declares the key: refused when parsed instead.
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+def _reporters() -> tuple[str, ...]:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return ("all", "none", *INTEGRATION_TO_CALLBACK)
+
+
+def _peft_task_types() -> tuple[str, ...]:
+    from peft import TaskType
+
+    return tuple(t.value for t in TaskType)
+
+
+# The values a library accepts for a key it checks only once a model is loaded or training runs (GRPO's loss at its
+# first step, the trainer's report_to, PEFT's task type), by the library class that declares the key (a function:
+# the library's own list): refused when parsed instead.
+CHOICES: dict[tuple[str, str], tuple[str, ...] | Callable[[], tuple[str, ...]]] = {
+    ("TrainingArguments", "report_to"): _reporters,
+    ("ModelConfig", "lora_task_type"): _peft_task_types,
     ("GRPOConfig", "loss_type"): ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
     ("GRPOConfig", "multi_objective_aggregation"): ("sum_then_normalize", "normalize_then_sum"),
     ("GRPOConfig", "importance_sampling_level"): ("token", "sequence"),
@@ -208,7 +224,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 
 
 def _table_choices(cls: type, key: str) -> tuple[str, ...] | None:
-    return next((CHOICES[(c.__name__, key)] for c in cls.__mro__ if (c.__name__, key) in CHOICES), None)
+    found = next((CHOICES[(c.__name__, key)] for c in cls.__mro__ if (c.__name__, key) in CHOICES), None)
+    return found() if callable(found) else found
 
 
 # What to write instead of a non-finite value, where the library has a number that means "off".

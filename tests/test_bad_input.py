@@ -346,6 +346,7 @@ CASES.update(
         "null_for_a_key_that_always_has_a_value": ([*PRE, "--learning_rate", "null"], ["learning_rate", "unset"]),
         # a value the library would refuse only once training runs
         "grpo_loss_type_unknown": ([*GRPO, "--loss_type", "gspo"], ["loss_type", "'gspo'", "'dapo'"]),
+        "report_to_unknown": ([*SFT, "--report_to", "tensorbord"], ["report_to", "'tensorbord'", "'tensorboard'"]),
         "lora_target_names_no_module": (
             [*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "qkv"],
             ["lora_target_modules ['qkv']", "q_proj", "all-linear"],

@@ -275,6 +275,8 @@ def test_number_outside_its_range_is_refused_naming_key_and_range(row):
         ("grpo", "loss_type", "gspo", ["loss_type", "'gspo'", "'dapo'"]),
         ("grpo", "importance_sampling_level", "word", ["importance_sampling_level", "'sequence'"]),
         ("dpo", "f_divergence_type", "kl", ["f_divergence_type", "'forward_kl'"]),
+        ("sft", "report_to", "tensorbord", ["report_to", "'tensorboard'"]),
+        ("reward", "lora_task_type", "seq_cls", ["lora_task_type", "'SEQ_CLS'"]),
     ],
 )
 def test_a_value_the_library_checks_only_in_training_is_refused_when_parsed(stage, key, value, words):
