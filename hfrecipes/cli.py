@@ -101,8 +101,16 @@ def check_options(args: argparse.Namespace) -> None:
         check_apart(getattr(args, out), shown, f"hfrecipes {args.command}", SHOWN.get(out, out.upper()))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a bad choice, a value of the wrong type, a missing argument) are one UsageError line,
+    not a usage dump; every subcommand's parser is of this class too."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}. `{self.prog} --help` lists the options.")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hfrecipes",
         allow_abbrev=False,
         description="Every stage of a language model's life on Transformers and TRL, with cost and cutoff recorded.",
@@ -302,7 +310,9 @@ def _check_launch(config: Path, flags: list[str]) -> None:
     def value(flag: str, default: int) -> int:
         for i, f in enumerate(flags):
             given = flags[i + 1] if f == flag and i + 1 < len(flags) else f.partition("=")[2]
-            if (f == flag or f.startswith(flag + "=")) and given.isdigit():
+            if f == flag or f.startswith(flag + "="):
+                if not given.isdigit() or int(given) < 1:
+                    raise UsageError(f"launch {flag} {given}: expected a whole number of 1 or more.")
                 return int(given)
         return default
 
@@ -365,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     parser = _parser()
-    args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        args, rest = parser.parse_known_args(argv)
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

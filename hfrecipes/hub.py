@@ -59,7 +59,12 @@ def push(
 ) -> dict[str, Any]:
     """Upload a finished stage folder to a model repo (created if missing); returns repo_id, url, commit, changed."""
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"repo id '{repo_id}' is not one the Hub takes: {' '.join(str(e).split())}") from None
     folder = Path(folder)
     rec = record.read_record(folder)
     if rec is None or rec.get("status") != "complete":

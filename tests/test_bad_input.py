@@ -355,6 +355,16 @@ CASES.update(
             [*DPO, "--max_length", "3", "--max_train_samples", "8", "--max_eval_samples", "8"],
             ["no training example", "max_length 3", "Raise max_length"],
         ),
+        "push_repo_id_malformed": (
+            ["push", "{user}/finished", "--repo-id", "me/tiny/sft"],
+            ["me/tiny/sft", "namespace/"],
+        ),
+        "launch_negative_processes": (
+            ["launch", "ddp", "--num_processes", "-2", "--", "sft", "--config", "tiny/sft"],
+            ["--num_processes -2", "1 or more"],
+        ),
+        "check_stage_unknown": (["check", "tiny/sft", "--stage", "nosuch"], ["--stage", "'nosuch'", "--help"]),
+        "generate_n_not_a_number": ([*_generate("model"), "--n", "three"], ["--n", "'three'"]),
         # a path named for something that must exist
         "resume_from_checkpoint_missing": (
             [*SFT, "--resume_from_checkpoint", "{user}/nope/checkpoint-5"],
