@@ -12,6 +12,7 @@ import pytest
 import hfrecipes
 from hfrecipes import cli
 from hfrecipes.costs import device_key, measured_emissions, plan, stage_costs, training_flops
+from hfrecipes.errors import UsageError
 
 # Published training compute of well-known models whose figures are 6·N·D counts (attention left out).
 PUBLISHED = [
@@ -118,13 +119,22 @@ def test_cli_cost_json_and_text(capsys):
     "args,message",
     [
         (["cost", "--params", "7e9", "--tokens", "2e12", "--device", "h900"], "not in the cost table"),
-        (["cost", "--params", "-1", "--tokens", "2e12"], "must be positive"),
+        (["cost", "--params", "-1", "--tokens", "2e12"], "--params has value -1.0, expected a number in (0, inf]"),
         (["cost", "--params", "7e9", "--tokens", "2e12", "--bogus", "1"], "unknown argument"),
     ],
 )
 def test_cli_cost_bad_input(args, message, capsys):
     assert cli.main(args) == cli.EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_plan_refuses_what_the_cli_refuses_when_called_from_python():
+    with pytest.raises(UsageError, match="must be positive"):
+        plan(-1, 2e12)
+    with pytest.raises(UsageError, match=r"daily_input_tokens \(--daily-input-tokens\) must be zero or more"):
+        plan(7e9, 2e12, daily_input_tokens=-5)
+    with pytest.raises(UsageError, match=r"kv_bytes_per_token \(--kv-bytes-per-token\) must be positive"):
+        plan(7e9, 2e12, kv_bytes_per_token=0)
 
 
 @pytest.mark.parametrize(
