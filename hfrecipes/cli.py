@@ -89,7 +89,8 @@ SHOWN = {
 
 
 def check_options(args: argparse.Namespace) -> None:
-    """A command's numbers in range and its output apart from its inputs, before anything loads."""
+    """A command's numbers in range, its output apart from its inputs and no file of the user's replaced unasked,
+    before anything loads."""
     if args.command in ("generate", "cost"):
         check_finite(vars(args), f"hfrecipes {args.command}")  # nan passes every range check
     ranges = OPTION_RANGES.get(args.command, {})
@@ -99,6 +100,8 @@ def check_options(args: argparse.Namespace) -> None:
         out, inputs = OUTPUT_APART[args.command]
         shown = {SHOWN.get(i, i.upper()): getattr(args, i) for i in inputs}
         check_apart(getattr(args, out), shown, f"hfrecipes {args.command}", SHOWN.get(out, out.upper()))
+    if args.command == "generate" and args.out and Path(args.out).expanduser().exists() and not args.force:
+        raise UsageError(f"--out '{args.out}' exists. Choose a new file, or pass --force to replace it.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="batched generation (vLLM when installed, else transformers)")
     gen.add_argument("model_dir")
     gen.add_argument("--prompts", required=True, help="jsonl: rows with 'prompt' (text or messages) or 'messages'")
-    gen.add_argument("--out", help="jsonl of prompts and completions")
+    gen.add_argument("--out", help="jsonl of prompts and completions (refused if it exists, unless --force)")
+    gen.add_argument("--force", action="store_true", help="replace an existing --out file")
     gen.add_argument("--engine", default="auto", help="auto, vllm or transformers")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top_p", type=float, default=1.0)

@@ -368,7 +368,7 @@ def serve(
     else:
         log_path, own_log = Path(log).expanduser(), False
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "wb")
+        log_file = open(log_path, "ab")  # a log the user already has is added to, not replaced
     with log_file:  # the child holds its own copy of the descriptor
         process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -408,6 +408,10 @@ CASES.update(
             ["generate", "{user}/model", "--prompts", "{user}/prompts.jsonl", "--out", "{user}/prompts.jsonl"],
             ["--out", "is --prompts"],
         ),
+        "generate_out_exists": (
+            ["generate", "{user}/model", "--prompts", "{user}/prompts.jsonl", "--out", "{user}/mine/notes.txt"],
+            ["--out", "notes.txt", "exists", "--force"],
+        ),
         "generate_out_inside_the_model": (
             ["generate", "{user}/model", "--prompts", "{user}/prompts.jsonl", "--out", "{user}/model/o.jsonl"],
             ["--out", "lies inside MODEL_DIR"],
