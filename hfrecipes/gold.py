@@ -418,9 +418,18 @@ class BestCheckpoint:
 
     def restore(self, step: int) -> None:
         """The weights of the kept `step` back into the model in training, on every process."""
-        self.trainer.state.best_model_checkpoint = self.path(step)
+        trainer, path = self.trainer, Path(self.path(step))
+        trainer.state.best_model_checkpoint = str(path)
+        tags = sorted(p.name for p in path.glob("global_step*"))
+        if trainer.is_deepspeed_enabled and trainer.args.should_save and len(tags) == 1:
+            # DeepSpeed names the tag to load in a `latest` file that only the first process writes, also where
+            # each machine keeps its own copy of the checkpoint (save_on_each_node): give each copy its own
+            latest = path / "latest"
+            if not latest.is_file():
+                latest.write_text(tags[0])
+        trainer.accelerator.wait_for_everyone()
         logger.info("gold check: loading the weights of step %d, the best check", step)
-        self.trainer._load_best_model()
+        trainer._load_best_model()
 
     def close(self) -> None:
         """Remove the checkpoint kept for the gold check alone, once every process has loaded it."""
