@@ -23,5 +23,9 @@ fi
 echo "scripts/test_newest.sh: versions under test:"
 "$VENV/bin/python" -m pip list --format=freeze 2>/dev/null |
     grep -iE '^(torch|transformers|trl|peft|datasets|accelerate|evaluate|huggingface.hub|tokenizers|safetensors|bitsandbytes|deepspeed|gguf|codecarbon)=='
+# llama.cpp (node-llama-cpp) is not a Python package: the copy scripts/setup.sh put beside .venv runs the GGUF checks.
+if [ -z "${HFRECIPES_NODE_MODULES:-}" ] && [ -d .venv/node/node_modules ]; then
+    export HFRECIPES_NODE_MODULES="$PWD/.venv/node/node_modules"
+fi
 # The same pytest line as scripts/test.sh.
 "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 "$@"
