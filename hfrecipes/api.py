@@ -99,10 +99,16 @@ def convert(gguf: str | Path, out_dir: str | Path, **kwargs) -> StageResult:
 
 
 def generate(model_dir: str | Path, prompts, out: str | Path | None = None, **kwargs):
-    """Batched generation with vLLM (when installed) or transformers; returns (rows, stats)."""
+    """Batched generation with vLLM (when installed) or transformers; returns (rows, stats). With `record_stats`
+    (the default) the stats join the folder's record and its card is re-rendered with the measured serving cost (see
+    `hfrecipes.inference.generate`)."""
     from hfrecipes.inference import generate as _generate
+    from hfrecipes.report.card import refresh_card
 
-    return _generate(model_dir, prompts, out, **kwargs)
+    rows, stats = _generate(model_dir, prompts, out, **kwargs)
+    if kwargs.get("record_stats", True):
+        refresh_card(model_dir)
+    return rows, stats
 
 
 def serve(folder: str | Path, port: int = 8000, host: str = "127.0.0.1", wait: bool = True, **kwargs) -> Server:

@@ -32,7 +32,7 @@ from hfrecipes.recipe import (
     check_finite,
     check_ranges,
 )
-from hfrecipes.stages import STAGES
+from hfrecipes.stages import STAGES, describe
 
 EXIT_USAGE = 2
 
@@ -233,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("name", help=names)
     launch.add_argument("rest", nargs=argparse.REMAINDER, help="accelerate flags, then --, then the stage command")
     for stage in STAGES:
-        sp = sub.add_parser(stage, help=f"run the {stage} stage", add_help=False, allow_abbrev=False)
+        sp = sub.add_parser(stage, help=describe(stage), add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
         sp.add_argument("-h", "--help", action="store_true", help="list every recipe key of this stage")
     return p

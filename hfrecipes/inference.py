@@ -288,9 +288,9 @@ def generate(
     run), the prefill and decode rates apart, inference FLOPs (2·N per generated token), the KV cache
     (`hfrecipes.costs.kv_cache`) and, given a price per device-hour (default: the cost table's for this device),
     dollars per million generated tokens over the whole run and per million input and output tokens apart. With
-    `record_stats`, the stats are added to the model folder's record (`inference`) and its card re-rendered, so the
-    card shows measured serving cost; `daily_input_tokens` and `daily_output_tokens` go with them as the traffic the
-    card states the lifetime cost for.
+    `record_stats`, the stats are added to the model folder's record (`inference`), so its card (re-rendered by
+    `hfrecipes.generate`) shows measured serving cost; `daily_input_tokens` and `daily_output_tokens` go with them as
+    the traffic the card states the lifetime cost for.
 
     The prefill rate is timed on a pass over the prompts alone (transformers: a forward over each left-padded
     batch; vLLM: `max_tokens=1`), the decode rate is generated tokens / (generation wall - prefill wall). This
@@ -419,12 +419,13 @@ def _price(model_dir: Path, generated: int, timing: Timing, price_per_hour: floa
         "dollars_per_million_output_tokens": serve["dollars_per_million_output_tokens"] if decode_tps else None,
         "output_input_price_ratio": prefill_tps / decode_tps if prefill_tps and decode_tps else None,
         "kv_cache": kv,
+        "serving": serve,  # the card's serving cost reads this answer rather than pricing the rates again
     }
 
 
 def _record(model_dir: Path, rows: list[dict[str, Any]], stats: dict[str, Any], out, record_stats: bool) -> None:
-    """The rows to `out` (jsonl) when given; with `record_stats`, the stats as the folder record's `inference` block
-    and its card re-rendered."""
+    """The rows to `out` (jsonl) when given; with `record_stats`, the stats as the folder record's `inference` block.
+    The card is the report layer's: `hfrecipes.generate` and the lifecycle re-render it from the record."""
     from hfrecipes import record as records
 
     if out is not None:
@@ -436,6 +437,3 @@ def _record(model_dir: Path, rows: list[dict[str, Any]], stats: dict[str, Any], 
         if rec is not None:
             rec["inference"] = stats
             records.write_record(model_dir, rec)
-            from hfrecipes import card
-
-            card.write_card(model_dir, rec)

@@ -195,6 +195,7 @@ class LifecycleRun:
     def inference(self, stale: bool) -> dict[str, Any]:
         """Batched generation by the export on the evaluation split's prompts; throughput, cost, answers matched."""
         from hfrecipes.inference import generate
+        from hfrecipes.report.card import refresh_card
         from hfrecipes.rewards import answers_match
 
         life, inf, ev = self.life, self.life.inference, self.life.evaluation
@@ -207,6 +208,7 @@ class LifecycleRun:
         gen_rows, stats = generate(
             life.root / EXPORT, prompts, out, engine=inf.engine, max_new_tokens=inf.max_new_tokens
         )
+        refresh_card(life.root / EXPORT)  # the export's card with the serving cost just measured
         hits = sum(answers_match(r["completions"][0], a) for r, a in zip(gen_rows, answers, strict=True))
         keys = (
             "engine",

@@ -417,3 +417,11 @@ def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name
         made.append({"title": "serving", "file": plotting.SERVING_PLOT})
     text = str(render(rec, str(name or folder), plots=made, serving_bench=bench))
     records.atomic_write_text(folder / "README.md", text)
+
+
+def refresh_card(folder: str | Path) -> None:
+    """Render a folder's card again from its record as it now stands (after generation added its `inference`
+    block); nothing where the folder holds no record."""
+    rec = records.read_record(folder)
+    if rec is not None:
+        write_card(folder, rec)
