@@ -258,8 +258,8 @@ def converted_from(folder: str | Path) -> str:
         rec = load_record(Path(folder).expanduser())
     except UsageError:
         return ""
-    gguf = rec.extra.get("gguf") if rec is not None and rec.stage == BASE else None
-    return f" (converted from {gguf['file']})" if isinstance(gguf, dict) and gguf.get("file") else ""
+    gguf = rec.gguf if rec is not None and rec.stage == BASE else None
+    return f" (converted from {gguf.file})" if gguf is not None and gguf.file else ""
 
 
 def check_model_path(name_or_path: str, field: str = "model_name_or_path") -> None:

@@ -400,8 +400,21 @@ def check_ranges(
             above = item > high or (item == high and not high_ok)
             if below or above:
                 where = name.format(key) if items is not value else name.format(f"{key}[{i}]")
-                span = f"{'[' if low_ok else '('}{_bound(low)}, {_bound(high)}{']' if high_ok else ')'}"
-                raise UsageError(f"{source}: {where} has value {item!r}, expected a number in {span}.")
+                raise UsageError(
+                    f"{source}: {where} has value {item!r}, expected {_span(low, high, low_ok, high_ok)}."
+                )
+
+
+def _span(low: float, high: float, low_ok: bool, high_ok: bool) -> str:
+    """The range in words a user reads at a glance, with its interval: 'at least 1 [1, inf]'."""
+    interval = f"{'[' if low_ok else '('}{_bound(low)}, {_bound(high)}{']' if high_ok else ')'}"
+    if high == INF:
+        words = f"a number {'at least' if low_ok else 'above'} {_bound(low)}"
+    elif low == -INF:
+        words = f"a number {'at most' if high_ok else 'below'} {_bound(high)}"
+    else:
+        words = f"a number from {_bound(low)} to {_bound(high)}"
+    return f"{words} {interval}"
 
 
 def _bound(x: float) -> str:

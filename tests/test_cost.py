@@ -119,7 +119,10 @@ def test_cli_cost_json_and_text(capsys):
     "args,message",
     [
         (["cost", "--params", "7e9", "--tokens", "2e12", "--device", "h900"], "not in the cost table"),
-        (["cost", "--params", "-1", "--tokens", "2e12"], "--params has value -1.0, expected a number in (0, inf]"),
+        (
+            ["cost", "--params", "-1", "--tokens", "2e12"],
+            "--params has value -1.0, expected a number above 0 (0, inf]",
+        ),
         (["cost", "--params", "7e9", "--tokens", "2e12", "--bogus", "1"], "unknown argument"),
     ],
 )

@@ -205,9 +205,10 @@ def test_bad_gold_input_fails_before_any_model_loads(stage, overrides, words, tm
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(modeling, "load_pretrained", no_loading)
+    (tmp_path / "model").mkdir()
     monkeypatch.setattr(modeling, "load_stage_tokenizer", no_loading)
     args = {
-        "model_name_or_path": str(tmp_path),
+        "model_name_or_path": str(tmp_path / "model"),
         "output_dir": str(tmp_path / "out"),
         "gold_dataset_name": "tiny:prompts",
         **STAGE_ARGS[stage],

@@ -47,7 +47,8 @@ def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypa
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(modeling, "load_pretrained", no_loading)
-    args = {"model_name_or_path": str(tmp_path), "output_dir": str(tmp_path / "out"), **overrides}
+    (tmp_path / "model").mkdir()
+    args = {"model_name_or_path": str(tmp_path / "model"), "output_dir": str(tmp_path / "out"), **overrides}
     with pytest.raises(UsageError) as e:
         hfrecipes.grpo("tiny/grpo", **args)
     for w in words:

@@ -169,8 +169,8 @@ def test_cli_cost_with_input_and_output_traffic(capsys):
     "extra,message",
     [
         (["--daily-tokens", "1e8", "--daily-output-tokens", "2e8"], "disagree"),
-        (["--daily-input-tokens", "-5"], "--daily-input-tokens has value -5.0, expected a number in [0, inf]"),
-        (["--kv-bytes-per-token", "0"], "--kv-bytes-per-token has value 0.0, expected a number in (0, inf]"),
+        (["--daily-input-tokens", "-5"], "--daily-input-tokens has value -5.0, expected a number at least 0 [0, inf]"),
+        (["--kv-bytes-per-token", "0"], "--kv-bytes-per-token has value 0.0, expected a number above 0 (0, inf]"),
     ],
 )
 def test_cli_cost_bad_traffic(extra, message, capsys):
