@@ -394,3 +394,11 @@ def test_every_summed_field_of_the_compute_block_is_in_the_lineage_totals():
     assert set(COMPUTE_NAMES) == set(record.summed_fields(record.ComputeBlock)) >= {"dollars", "co2_kg"}
     for key, name in COMPUTE_NAMES.items():
         assert numbers.total[name] == pytest.approx(2 * compute[key]), key
+
+
+@pytest.mark.parametrize(
+    "x, text",
+    [(999.96, "1 k"), (999.4, "999"), (1.2345e12, "1.23 T"), (999_960.0, "1 M"), (0.00123, "0.00123"), (0, "0")],
+)
+def test_si_rounds_before_it_picks_the_prefix(x, text):
+    assert fmt.si(x) == text

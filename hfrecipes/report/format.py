@@ -22,6 +22,7 @@ def si(x: float | None, unit: str = "") -> str:
     """3 significant digits and an SI prefix: 1.23 T, 456 kB."""
     if not _known(x):
         return "n/a"
+    x = float(f"{x:.3g}")  # rounded first, so 999.96 reads 1 k, not 1e+03
     for factor, prefix in PREFIXES:
         if abs(x) >= factor:
             return f"{x / factor:.3g} {prefix}{unit}".rstrip()
