@@ -3,7 +3,8 @@
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
 
 Training FLOPs are 6·N·D (forward 2·N, backward 4·N per token; Kaplan et al. 2020, "Scaling Laws for Neural
-Language Models", section 2.1), plus an optional attention term 6·n_layers·seq_len·d_model per token. Serving
+Language Models", section 2.1), plus an optional attention term 6·n_layers·seq_len·d_model per token; a distillation
+adds its frozen teacher's forward passes over the same tokens, 2·N_teacher·D. Serving
 costs 2·N FLOPs per token (plus 2·n_layers·context·d_model for attention). Device-hours follow from a device's
 peak dense BF16 throughput and a utilisation (MFU); dollars from a price per device-hour; energy from device
 power x hours x PUE; CO2 from energy x grid intensity, or codecarbon's measurement when it is installed (a
@@ -136,6 +137,12 @@ def training_flops(
     return flops
 
 
+def teacher_forward_flops(params: float, tokens: float) -> float:
+    """A distillation teacher's share of a stage's FLOPs: one forward pass, 2·N per token, over the D tokens the
+    student trained on (frozen, so no backward)."""
+    return inference_flops_per_token(params) * tokens
+
+
 def inference_flops_per_token(
     params: float, n_layers: int | None = None, context: int | None = None, d_model: int | None = None
 ) -> float:
@@ -179,6 +186,41 @@ def break_even(
         return {"tokens": None, "days": None}
     tokens = training_dollars / per_million * 1e6
     return {"tokens": tokens, "days": tokens / daily_tokens if daily_tokens else None}
+
+
+def distillation_payback(
+    cost_dollars: float | None, teacher: dict[str, Any], student: dict[str, Any]
+) -> dict[str, float | None]:
+    """When a distilled student has paid for its making: both models served by the same engine on the same prompts
+    (`teacher`, `student`: `prompts`, `input_tokens`, `generated_tokens` and the measured dollars per million input
+    and output tokens). A request is priced at the traffic measured (its mean prompt and reply lengths, each model's
+    own); the break-even is the requests (and tokens) after which the saving per request has covered
+    `cost_dollars`, None where the student saves nothing or a price is unknown."""
+
+    def per_request(m: dict[str, Any]) -> float | None:
+        prices = (m.get("dollars_per_million_input_tokens"), m.get("dollars_per_million_output_tokens"))
+        if None in prices or not m.get("prompts"):
+            return None
+        dollars = m["input_tokens"] / 1e6 * prices[0] + m["generated_tokens"] / 1e6 * prices[1]
+        return dollars / m["prompts"]
+
+    t, s = per_request(teacher), per_request(student)
+    saving = t - s if t is not None and s is not None else None
+    out: dict[str, float | None] = {
+        "teacher_dollars_per_request": t,
+        "student_dollars_per_request": s,
+        "saving_per_request": saving,
+        "saving_share": saving / t if saving is not None and t else None,
+        "cost_dollars": cost_dollars,
+        "requests": None,
+        "tokens": None,
+    }
+    if saving is None or saving <= 0 or cost_dollars is None:
+        return out
+    out["requests"] = cost_dollars / saving
+    tokens_per_request = (student["input_tokens"] + student["generated_tokens"]) / student["prompts"]
+    out["tokens"] = out["requests"] * tokens_per_request
+    return out
 
 
 def lifetime(

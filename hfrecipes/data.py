@@ -18,7 +18,7 @@ import trl
 from hfrecipes.errors import UsageError
 
 TINY_PREFIX = "tiny:"
-TINY_DATASETS = ("corpus", "sft", "preference", "prompts", "facts")
+TINY_DATASETS = ("corpus", "sft", "preference", "unpaired", "prompts", "facts")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 # What a value in each well-known column must be, checked on the first rows before any model loads.
 COLUMN_TYPES: dict[str, tuple[type, ...]] = {
@@ -155,6 +155,8 @@ def tiny_rows(name: str, split: str, seed: int = 0) -> list[dict[str, Any]]:
         return task.sft_rows(pairs, annotated=split == "train")
     if name == "preference":
         return task.preference_rows(pairs, seed)
+    if name == "unpaired":
+        return task.unpaired_rows(pairs, seed)
     return task.prompt_rows(splits["rl"] if split == "train" else pairs)
 
 
@@ -418,6 +420,8 @@ def check_columns(ds, needs: Sequence[Sequence[str]], stage: str, name: str) -> 
     for columns in needs:
         if all(c in found for c in columns):
             _check_types(ds, columns, name)
+            if all(c in columns for c in UNPAIRED):
+                _check_labels(ds, name, stage)
             return
     wanted = " or ".join("+".join(cols) for cols in needs)
     best = min(needs, key=lambda cols: sum(c not in found for c in cols))
@@ -453,6 +457,39 @@ def _check_types(ds, columns: list[str], name: str) -> None:
     for col in columns:
         if col in CHAT_COLUMNS:
             conversation_roles(ds, col, name)
+
+
+# TRL's unpaired preference format (KTO): each row's completion judged alone, `label` true where it is desirable.
+UNPAIRED = ("completion", "label")
+LABEL_MEANING = "true where the completion is desirable (a thumbs up), false where it is not"
+
+
+def _check_labels(ds, name: str, stage: str) -> None:
+    """The `label` column of unpaired preference data, over the whole column in Arrow: booleans in every row, and
+    both kinds present (a stage that learns from the contrast has nothing to contrast with one kind)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = ds.with_format("arrow")["label"]
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    where = f"dataset '{name}': column 'label'"
+    if not pa.types.is_boolean(arr.type) and not pa.types.is_null(arr.type):
+        first = next((v for v in arr.to_pylist() if v is not None), None)
+        raise UsageError(
+            f"{where} holds {type(first).__name__} values (such as {first!r:.40}), expected booleans: "
+            f"{LABEL_MEANING}. Write the column as true/false."
+        )
+    if arr.null_count:
+        row = pc.index(arr.is_null(), True).as_py()
+        raise UsageError(f"{where} row {row} is empty; every row needs a label: {LABEL_MEANING}.")
+    desirable = pc.sum(pc.cast(arr, pa.int64())).as_py() or 0
+    if desirable in (0, len(arr)):
+        kind = "true (desirable)" if desirable else "false (undesirable)"
+        rows = "its one row" if len(arr) == 1 else f"all {len(arr)} rows"
+        raise UsageError(
+            f"{where} is {kind} in {rows}; the {stage} stage needs both desirable (label true) and "
+            "undesirable (label false) examples to learn from. Add rows of the other kind."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ conversations

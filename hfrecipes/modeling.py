@@ -536,8 +536,8 @@ def check_model_args(model_args, parent_stage: str | None = None, lm_head_adapte
     targets = model_args.lora_target_modules
     if model_args.use_peft and not lm_head_adapter and isinstance(targets, list) and "lm_head" in targets:
         raise UsageError(
-            "lora_target_modules includes lm_head, which TRL's trainers refuse (sft, dpo and grpo score tokens with "
-            "the LM head's base weight; a reward model has no LM head). Remove lm_head from lora_target_modules."
+            "lora_target_modules includes lm_head, which TRL's trainers refuse (sft, dpo, grpo and rloo score tokens "
+            "with the LM head's base weight; a reward model has no LM head). Remove lm_head from lora_target_modules."
         )
     if model_args.use_peft and isinstance(targets, list) and folder.is_dir() and not gguf:
         check_lora_targets(folder, targets)

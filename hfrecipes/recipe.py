@@ -219,6 +219,10 @@ CHOICES: dict[tuple[str, str], tuple[str, ...] | Callable[[], tuple[str, ...]]] 
     ("GRPOConfig", "importance_sampling_level"): ("token", "sequence"),
     ("GRPOConfig", "vllm_mode"): ("server", "colocate"),
     ("GRPOConfig", "vllm_model_impl"): ("transformers", "vllm"),
+    ("RLOOConfig", "vllm_mode"): ("server", "colocate"),
+    ("RLOOConfig", "vllm_model_impl"): ("transformers", "vllm"),
+    ("DistillationConfig", "vllm_mode"): ("server", "colocate"),
+    ("DistillationConfig", "vllm_model_impl"): ("transformers", "vllm"),
     ("DPOConfig", "f_divergence_type"): ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
 }
 
@@ -328,6 +332,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "ref_model_sync_steps": COUNT,
     "precompute_ref_batch_size": COUNT,
     "center_rewards_coefficient": NON_NEGATIVE,
+    "desirable_weight": POSITIVE,  # KTO: each kind's losses weighed, to balance unequal numbers of rows
+    "undesirable_weight": POSITIVE,
     # generation and RL
     "temperature": POSITIVE,
     "top_p": PROBABILITY,
@@ -433,6 +439,7 @@ INPUTS = (
     "chat_template_path",
     "reward_model_path",
     "value_model_path",
+    "teacher_model_name_or_path",
 )
 # Keys whose file or folder must exist when the stage starts (a checkpoint to resume from is only ever local; the
 # others may be Hub ids, so they must exist where they look like a path: `looks_local`). Missing, a library would

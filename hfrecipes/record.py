@@ -136,10 +136,13 @@ class DataBlock:
 @dataclass(frozen=True)
 class ComputeBlock:
     """What a stage's training took and cost. The `summed` fields add up over a lineage: a new cost field declared
-    so here, computed in `costs.stage_costs` and named in the card's template is on the card and in its totals."""
+    so here, computed in `costs.stage_costs` and named in the card's template is on the card and in its totals.
+    `flops_6nd` is the stage's FLOPs: 6·N·D, plus a distillation teacher's forward passes, which `flops_teacher`
+    states alone."""
 
     flops_6nd: float | None = _number(summed=True)
     flops_trainer: float | None = _number()
+    flops_teacher: float | None = _number()
     wall_seconds: float | None = _number(summed=True)
     device: dict[str, Any] | None = None
     distributed: dict[str, Any] | None = None
@@ -257,11 +260,48 @@ class BaseBlock:
 
 
 @dataclass(frozen=True)
+class TeacherBlock:
+    """The frozen teacher a distillation stage learned from (`StageRun.describe_teacher`): its path or Hub id, its
+    own record's run and stage where it has one, its architecture and size; its forward passes are in the compute
+    block (`flops_teacher`)."""
+
+    source: str | None = None
+    run_id: str | None = None
+    stage: str | None = None
+    architecture: str | None = None
+    model_type: str | None = None
+    params_total: int | None = _number()
+    dtype: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class EvaluationBlock:
     """A stage's own evaluation of the task before and after training (GRPO's held-out replies)."""
 
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DistillationBlock:
+    """What serving a distilled student costs beside its teacher (`hfrecipes lifecycle` with a `distillation` block,
+    on the student's served export): both served by one engine on the same held-out prompts, their accuracy and
+    prices, the stages that made the student and what they cost, and `payback` (`costs.distillation_payback`)."""
+
+    teacher: str | None = None
+    student: str | None = None
+    engine: str | None = None
+    teacher_accuracy: float | None = _number()
+    student_accuracy: float | None = _number()
+    teacher_params: int | None = _number()
+    student_params: int | None = _number()
+    teacher_serving: dict[str, Any] | None = None
+    student_serving: dict[str, Any] | None = None
+    cost_of: list[str] | None = None
+    cost_flops: float | None = _number()
+    payback: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -272,6 +312,8 @@ BLOCKS = {  # the blocks later steps add to a record, each typed
     "gguf": GGUFBlock,
     "base": BaseBlock,
     "evaluation": EvaluationBlock,
+    "teacher": TeacherBlock,
+    "distillation": DistillationBlock,
 }
 
 
@@ -297,6 +339,8 @@ class Record:
     gguf: GGUFBlock | None = None
     base: BaseBlock | None = None
     evaluation: EvaluationBlock | None = None
+    teacher: TeacherBlock | None = None
+    distillation: DistillationBlock | None = None
     parent: Record | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys no block names
 
@@ -625,17 +669,21 @@ def compute_summary(
     steady: dict[str, Any] | None = None,
     precision: str | None = None,
     kernels: dict[str, Any] | None = None,
+    teacher_params: int | None = None,
 ) -> dict[str, Any]:
     """FLOPs by 6*N*D (N = all parameters) beside the trainer's own count (which leaves out embeddings), then
     price, dollars, energy, CO2 and MFU from `costs.py` (the recipe's overrides in `script_args`, else the table's).
+    A distillation teacher of `teacher_params` read the same D tokens, forward only: its 2·N_teacher·D is part of the
+    stage's FLOPs (and so of its MFU), and stated alone as `flops_teacher`.
 
     Two rates: `tokens_per_second` and `mfu` over the whole wall time (what the stage cost), and `steady` (from
     `throughput.steady`: the steps after warm-up; what the hardware does once running), whose MFU scales the wall
     one by the ratio of the two rates, so both share one peak. `precision` and `kernels` say how it trained.
     """
-    from hfrecipes.costs import stage_costs, training_flops
+    from hfrecipes.costs import stage_costs, teacher_forward_flops, training_flops
 
-    flops = training_flops(params, tokens)
+    teacher = teacher_forward_flops(teacher_params, tokens) if teacher_params else None
+    flops = training_flops(params, tokens) + (teacher or 0.0)
     rate = tokens / wall_seconds if wall_seconds > 0 and tokens > 0 else None
     costs = stage_costs(flops, wall_seconds, device, script_args, measured_co2_kg, co2_failure)
     if steady is not None and steady.get("tokens_per_second") and rate and costs.get("mfu"):
@@ -643,6 +691,7 @@ def compute_summary(
     return {
         "flops_6nd": flops,
         "flops_trainer": float(trainer_flos),
+        **({"flops_teacher": teacher} if teacher is not None else {}),
         "wall_seconds": round(wall_seconds, 3),
         "device": device,
         "distributed": distributed,

@@ -61,7 +61,12 @@ class StageRun:
     # ------------------------------------------------------------------------------------------------ start
 
     def start(self, is_main: bool = True) -> None:
-        """Mark the folder as this stage's, so a rerun after a kill resumes instead of refusing."""
+        """Mark the folder as this stage's, so a rerun after a kill resumes instead of refusing. Every process calls
+        it, and the main process marks the folder only once every process has checked it (the constructor): a
+        process still checking would find the marker's temporary file and refuse the folder as someone else's."""
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
         if is_main:
             marker = {"stage": self.stage, "started": record.now()}
             record.atomic_write_text(self.output_dir / record.MARKER, json.dumps(marker) + "\n")
@@ -80,6 +85,16 @@ class StageRun:
         if model_args is not None:
             self.record["model"]["adapter"] = adapter_summary(model, model_args)
         self.record["model"].update(extra)
+
+    def describe_teacher(self, model, source: str, teacher_record: dict[str, Any] | None = None) -> None:
+        """The record's teacher block (distillation): the frozen model the stage learned from, its own record's run
+        and stage where it has one. `fill` prices its forward passes from its parameters."""
+        summary = record.model_summary(model, source)
+        self.record["teacher"] = {
+            **{k: summary[k] for k in ("source", "architecture", "model_type", "params_total", "dtype")},
+            "run_id": (teacher_record or {}).get("run_id"),
+            "stage": (teacher_record or {}).get("stage"),
+        }
 
     # ------------------------------------------------------------------------------------------------ train
 
@@ -135,7 +150,8 @@ class StageRun:
         `script_args` names the training data (`train_raw`) and carries the recipe's cost overrides (device price,
         power, PUE, grid intensity); `datasets` replaces the default entry of that data. Tokens seen default to
         TRL's own count (`consumed_tokens`, every token of every sequence the model read); examples to optimizer
-        steps x global batch (a preference pair is one example).
+        steps x global batch (a preference pair is one example). A teacher (`describe_teacher`) read those tokens
+        too: its forward passes count in the FLOPs.
         """
         from hfrecipes.modeling import precision
 
@@ -169,6 +185,7 @@ class StageRun:
             steady=throughput.steady(self.clock.stamps, self.clock.excluded, tokens / steps if steps else None),
             precision=precision(args),
             kernels=_kernels(args, trainer.model),
+            teacher_params=(rec.get("teacher") or {}).get("params_total"),
         )
         rec["metrics"] = {
             "steps": steps,

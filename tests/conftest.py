@@ -18,7 +18,8 @@ import pytest  # noqa: E402
 # The longest files run first, so the two workers finish together instead of one waiting on a long file picked
 # last (pytest-xdist's `--dist loadfile` hands out files in collection order).
 LONGEST_FIRST = (
-    "test_ladder.py", "test_real_rl.py", "test_real_model.py", "test_scale.py", "test_reward.py", "test_ppo.py",
+    "test_ladder.py", "test_real_rl.py", "test_real_model.py", "test_scale.py", "test_distill_lifecycle.py",
+    "test_reward.py", "test_ppo.py",
 )  # fmt: skip
 
 
@@ -147,6 +148,23 @@ def tiny_sft(tiny_pretrained, shared_dir):
 
 
 SFT_STEPS = 120
+TAUGHT = 32  # validation problems the `tiny_taught` model was taught
+# No warm-up and no gold check: 100 steps of the tiny SFT recipe on those problems alone
+TAUGHT_SFT = dict(
+    dataset_train_split="validation", max_train_samples=TAUGHT, max_steps=100, warmup_steps=0, logging_steps=10,
+    save_strategy="no", gold_dataset_name=None, gold_patience=None, gold_keep_best=False,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_taught(tiny_sft, shared_dir):
+    """The tiny SFT model taught the clean replies of the first `TAUGHT` validation problems: the tiny fixtures are
+    too short to learn addition, and a test that needs a model which answers some problems right (a gold check that
+    gaming a reward can lower, an RL stage that sharpens what it half knows) starts here."""
+    import hfrecipes
+
+    parent = {"model_name_or_path": str(tiny_sft.output_dir)}
+    return built_once(shared_dir / "taught", lambda out: hfrecipes.sft(output_dir=str(out), **parent, **TAUGHT_SFT))
 
 
 @pytest.fixture(scope="session")
@@ -238,6 +256,20 @@ def stage_base_unchanged(model, parent_weights: Path) -> int:
     return compared
 
 
+def fewer_layers(source: Path, out: Path, keep: list[int]) -> Path:
+    """A smaller model sharing `source`'s tokenizer: a copy of it with only the decoder layers `keep` (embeddings,
+    final norm and head as they are), the usual start of a distillation student. No record: it trained nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in keep)
+    model.config.num_hidden_layers = len(keep)
+    model.save_pretrained(out)  # reloaded, each layer is numbered by its new place
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
 def heldout_accuracy(folder, max_new_tokens: int, n: int | None = None, args=None) -> dict:
     """Greedy answer accuracy of a model folder on the tiny task's held-out prompts (the first `n`), by kind of
     problem; with a stage's training arguments, on its device and in its precision, as the stage measured."""
@@ -264,14 +296,22 @@ def heldout_accuracy(folder, max_new_tokens: int, n: int | None = None, args=Non
 
 
 def dpo_margins(policy, tok, rows: list[dict], beta: float, reference=None):
-    """DPO's implicit reward margin of each preference row (conversational `prompt`, `chosen`, `rejected`): beta x
-    (the policy's log-probability ratio to the reference on the chosen reply - on the rejected one), in fp32. The
-    reference is the adapter-disabled policy when none is given (LoRA)."""
+    """DPO's implicit reward margin of each preference row (conversational `prompt`, `chosen`, `rejected`): the
+    chosen reply's reward (`reply_rewards`) - the rejected one's."""
+    return reply_rewards(policy, tok, rows, "chosen", beta, reference) - reply_rewards(
+        policy, tok, rows, "rejected", beta, reference
+    )
+
+
+def reply_rewards(policy, tok, rows: list[dict], key: str, beta: float, reference=None):
+    """The implicit reward DPO and KTO give the reply in column `key` of each row (conversational `prompt` and
+    reply): beta x the policy's log-probability ratio to the reference on it, in fp32. The reference is the
+    adapter-disabled policy when none is given (LoRA)."""
     import contextlib
 
     import torch
 
-    def reply_logps(model, key):
+    def reply_logps(model):
         ids, scored = [], []
         for r in rows:
             prompt = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
@@ -288,12 +328,9 @@ def dpo_margins(policy, tok, rows: list[dict], beta: float, reference=None):
         token = logits[:, :-1].log_softmax(-1).gather(-1, batch[:, 1:, None])[..., 0]
         return torch.stack([token[i, s - 1 : e - 1].sum() for i, (s, e) in enumerate(scored)]).cpu()
 
-    def ratios(key):
-        mine = reply_logps(policy, key)
-        with policy.disable_adapter() if reference is None else contextlib.nullcontext():
-            return mine - reply_logps(reference if reference is not None else policy, key)
-
-    return beta * (ratios("chosen") - ratios("rejected"))
+    mine = reply_logps(policy)
+    with policy.disable_adapter() if reference is None else contextlib.nullcontext():
+        return beta * (mine - reply_logps(reference if reference is not None else policy))
 
 
 def default_lm_head() -> str:

@@ -18,6 +18,7 @@ from hfrecipes.errors import UsageError
 
 CONVERSATION = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
 PAIR = {"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}
+JUDGED = {"prompt": "Hi", "completion": "Hello."}
 
 
 def _jsonl(rows):
@@ -126,6 +127,39 @@ BAD = [
         _jsonl([PAIR]),
         {"loss_type": ["sigmoid", "sigmod"]},
         ["loss_type", "sigmod", "'ipo'"],
+    ),
+    # unpaired judgments (kto): a boolean label in every row, both kinds present
+    (
+        "kto-one-label-kind",
+        "kto",
+        "d.jsonl",
+        _jsonl([{**JUDGED, "label": False}] * 4),
+        {},
+        ["d.jsonl", "'label'", "false (undesirable) in all 4 rows", "both desirable (label true)", "other kind"],
+    ),
+    (
+        "kto-label-not-boolean",
+        "kto",
+        "d.jsonl",
+        _jsonl([{**JUDGED, "label": "yes"}, {**JUDGED, "label": "no"}]),
+        {},
+        ["d.jsonl", "'label'", "str values", "'yes'", "expected booleans", "true/false"],
+    ),
+    (
+        "kto-label-empty",
+        "kto",
+        "d.jsonl",
+        _jsonl([{**JUDGED, "label": True}, {**JUDGED, "label": None}]),
+        {},
+        ["'label' row 1 is empty", "desirable"],
+    ),
+    (
+        "kto-missing-label",
+        "kto",
+        "d.jsonl",
+        _jsonl([PAIR]),
+        {},
+        ["label", "kto", "prompt+completion+label", "dataset_columns"],
     ),
     # local files cut short or damaged: the file, the line and the fix
     (

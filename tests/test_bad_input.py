@@ -153,6 +153,7 @@ PRE = ["pretrain", "--config", "tiny/pretrain", "--output_dir", "{out}"]
 SFT = ["sft", "--config", "tiny/sft", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 DPO = ["dpo", "--config", "tiny/dpo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 GRPO = ["grpo", "--config", "tiny/grpo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
+RLOO = ["rloo", "--config", "tiny/rloo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 
 
 def _on(argv: list[str], model: str) -> list[str]:
@@ -338,6 +339,7 @@ CASES = {
 
 
 PPO = ["ppo", "--config", "tiny/ppo", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
+DISTILL = ["distill", "--config", "tiny/distill", "--model_name_or_path", "{user}/model", "--output_dir", "{out}"]
 COST = ["cost", "--params", "7e9", "--tokens", "2e12"]
 
 CASES.update(
@@ -346,6 +348,13 @@ CASES.update(
         "null_for_a_key_that_always_has_a_value": ([*PRE, "--learning_rate", "null"], ["learning_rate", "unset"]),
         # a value the library would refuse only once training runs
         "grpo_loss_type_unknown": ([*GRPO, "--loss_type", "gspo"], ["loss_type", "'gspo'", "'dapo'"]),
+        "rloo_vllm_mode_unknown": ([*RLOO, "--vllm_mode", "colocated"], ["vllm_mode", "'colocated'", "'colocate'"]),
+        # RLOO's baseline is the mean of a reply's siblings: a group needs two replies, and a batch whole groups
+        "rloo_one_generation": ([*RLOO, "--num_generations", "1"], ["num_generations", "at least 2"]),
+        "rloo_batch_splits_a_group": (
+            [*RLOO, "--per_device_train_batch_size", "6"],
+            ["generation_batch_size (6)", "divisible by num_generations (8)"],
+        ),
         "report_to_unknown": ([*SFT, "--report_to", "tensorbord"], ["report_to", "'tensorbord'", "'tensorboard'"]),
         "lora_target_names_no_module": (
             [*SFT, "--use_peft", "true", "--lora_target_modules", "q_proj", "qkv"],
@@ -381,6 +390,18 @@ CASES.update(
         "value_model_folder_missing": (
             [*PPO, "--reward_model_path", "null", "--value_model_path", "./critic"],
             ["value_model_path", "./critic", "does not exist"],
+        ),
+        "distill_teacher_missing": (
+            [*DISTILL, "--teacher_model_name_or_path", "runs/none/grpo"],
+            ["teacher_model_name_or_path", "runs/none/grpo", "does not exist"],
+        ),
+        "distill_teacher_of_another_vocab_size": (
+            [*DISTILL, "--teacher_model_name_or_path", "{user}/mismatch"],
+            ["do not share a vocabulary", "vocab_size", "mismatch", "teacher_model_name_or_path"],
+        ),
+        "distill_teacher_unset": (
+            [*DISTILL, "--teacher_model_name_or_path", "null"],
+            ["teacher_model_name_or_path is required"],
         ),
         # an output that is, lies inside or holds an input
         "output_dir_inside_the_model": (

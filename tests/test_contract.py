@@ -70,7 +70,13 @@ def finished(measured, tiny_pretrained, tiny_sft, tmp_path_factory):
     folders["sft_lora"] = hfrecipes.sft("tiny/sft_lora", output_dir=str(root / "sft_lora"), **parent, **FAST)
     folders["reward"] = hfrecipes.reward("tiny/reward", output_dir=str(root / "reward"), **parent, **FAST)
     folders["dpo"] = hfrecipes.dpo("tiny/dpo", output_dir=str(root / "dpo"), max_train_samples=64, **parent, **FAST)
+    folders["kto"] = hfrecipes.kto(
+        "tiny/kto", output_dir=str(root / "kto"), max_train_samples=64, max_eval_samples=64, **parent, **FAST
+    )
     folders["grpo"] = hfrecipes.grpo("tiny/grpo", output_dir=str(root / "grpo"), eval_samples=8, **parent, **FAST)
+    folders["rloo"] = hfrecipes.rloo(
+        "tiny/rloo", output_dir=str(root / "rloo"), eval_samples=8, gold_samples=8, **parent, **FAST
+    )
     folders["ppo"] = hfrecipes.ppo(
         "tiny/ppo",
         output_dir=str(root / "ppo"),
@@ -83,11 +89,20 @@ def finished(measured, tiny_pretrained, tiny_sft, tmp_path_factory):
         **parent,
         **FAST,
     )
+    folders["distill"] = hfrecipes.distill(
+        "tiny/distill",
+        output_dir=str(root / "distill"),
+        model_name_or_path=str(tiny_pretrained.output_dir),
+        teacher_model_name_or_path=str(tiny_sft.output_dir),
+        per_device_train_batch_size=8,
+        max_eval_samples=8,
+        **FAST,
+    )
     folders["export"] = hfrecipes.export(tiny_sft.output_dir, root / "tiny" / "export", use_vllm=False)
     return folders
 
 
-STAGES = ["pretrain", "sft", "sft_lora", "reward", "dpo", "grpo", "ppo", "export"]
+STAGES = ["pretrain", "sft", "sft_lora", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill", "export"]
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -103,12 +118,12 @@ def test_finished_folder_holds_record_card_and_no_pickle(finished, name):
         assert rec.metrics.steps == FAST["max_steps"] or name in ("pretrain", "sft")
 
 
-@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("name", ["pretrain", "sft", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill"])
 def test_each_stage_records_one_heldout_block_the_card_shows(finished, name):
     rec = record.load_record(finished[name].output_dir)
     h = rec.metrics.heldout
     assert h is not None and isinstance(h.after, float) and h.examples > 0, h
-    if name in ("reward", "dpo", "grpo", "ppo"):  # measured before training as well
+    if name in ("reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill"):  # measured before training as well
         assert isinstance(h.before, float)
     text = (finished[name].output_dir / "README.md").read_text()
     assert f"Held-out evaluation of the {rec.stage} stage: {h.metric}:" in text
@@ -128,7 +143,7 @@ def test_export_card_names_the_model_and_lists_only_training_stages(finished, ti
     assert [s["stage"] for s in meta.hfrecipes["lineage"]] == ["pretrain", "sft"]
 
 
-@pytest.mark.parametrize("name", ["sft_lora", "reward", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("name", ["sft_lora", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill"])
 def test_measured_co2_reaches_every_stage_record_and_card(finished, measured, name):
     """The figure codecarbon gave (the real offline tracker where it is installed) is the record's, said to be
     measured, in every stage, not only pretraining."""

@@ -48,6 +48,10 @@ def test_device_defaults_resolve_for_the_device_and_keep_what_the_recipe_set(mon
     assert (args.use_cpu, args.bf16, args.fp16, args.tf32) == expected
 
 
+# Keys a stage's config cannot be built without (the parse refuses it), with any value
+REQUIRED = {"distill": {"teacher_model_name_or_path": "teacher"}}
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_stage_config_resolves_its_device_defaults_in_the_one_place(monkeypatch, stage, tmp_path):
     """Pretraining included: its config once skipped the resolution and trained a GPU run in fp32. The config is
@@ -56,7 +60,7 @@ def test_every_stage_config_resolves_its_device_defaults_in_the_one_place(monkey
     real = modeling.resolve_device_defaults
     monkeypatch.setattr(modeling, "resolve_device_defaults", lambda args: calls.append(type(args)) or real(args))
     config_cls = get_stage(stage).DATACLASSES[1]
-    args = config_cls(output_dir=str(tmp_path))
+    args = config_cls(output_dir=str(tmp_path), **REQUIRED.get(stage, {}))
     assert calls == [config_cls]
     assert args.bf16 == (modeling.has_accelerator() and modeling.bf16_supported())
     assert bool(args.tf32) == modeling.tf32_supported()

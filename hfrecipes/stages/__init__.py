@@ -26,13 +26,25 @@ STAGES: dict[str, tuple[str, str]] = {
         "hfrecipes.stages.dpo",
         "Direct preference optimisation against the parent checkpoint (any loss type TRL offers).",
     ),
+    "kto": (
+        "hfrecipes.stages.kto",
+        "KTO from unpaired feedback (completions labelled desirable or not) against the parent checkpoint.",
+    ),
     "grpo": (
         "hfrecipes.stages.grpo",
         "GRPO-style RL with verifiable rewards; held-out pass@1 before and after (full, LoRA or QLoRA).",
     ),
+    "rloo": (
+        "hfrecipes.stages.rloo",
+        "RLOO: RL with verifiable rewards and a leave-one-out baseline; held-out pass@1 before and after.",
+    ),
     "ppo": (
         "hfrecipes.stages.ppo",
         "PPO against a reward model and/or reward functions, with a KL penalty to the parent (full, LoRA or QLoRA).",
+    ),
+    "distill": (
+        "hfrecipes.stages.distill",
+        "On-policy distillation: the student learns a frozen teacher's next-token distributions on its own replies.",
     ),
 }
 

@@ -1,8 +1,10 @@
-"""What the fine-tuning stages (sft, reward, dpo, grpo, ppo) change in TRL's configs and trainers, in one place.
+"""What the fine-tuning stages (sft, reward, dpo, kto, grpo, rloo, ppo, distill) change in TRL's configs and trainers,
+in one place.
 
 A stage config is `class SFTConfig(FineTuneDefaults, LogitsHeadOption, trl.SFTConfig)`: these fields come first in
-the MRO, so they replace TRL's. The one trainer change is the LM head sft, dpo and grpo score tokens with
-(`use_logits_lm_head`); each stage's `run()` stays in its own file.
+the MRO, so they replace TRL's. The one trainer change is the LM head sft, dpo, kto, grpo and rloo score tokens with
+(`use_logits_lm_head`), and dpo and kto load their frozen reference alike (`frozen_reference`); each stage's `run()`
+stays in its own file (grpo and rloo share one: `outcome_rl.py`).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ class FineTuneDefaults(DeviceDefaults):
 @dataclass
 class LogitsHeadOption:
     """The `logits_lm_head` switch of the stages whose TRL trainer scores tokens through its fused LM head (sft, dpo,
-    grpo).
+    kto, grpo, rloo).
 
     TRL patches the model so that `fused_lm_head=True` returns per-token log-probabilities computed in vocabulary
     tiles, recomputing every tile in the backward pass: that never holds the `(tokens, vocab)` logits, which a GPU
@@ -182,6 +184,18 @@ def logits_lm_heads(trainer, outputs: tuple[str, ...], temperature: float = 1.0,
         use_logits_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model), ("log_probs",), temperature)
 
 
+def frozen_reference(model_args, training_args):
+    """The reference a preference stage (dpo, kto) trains against, and how its record names it: a second copy of the
+    parent for full training; none under LoRA (TRL disables the adapter) or where the parent's log-probabilities
+    are precomputed before training (TRL computes them with the policy before its first step)."""
+    if model_args.use_peft:
+        return None, "adapter-disabled policy"
+    if training_args.precompute_ref_log_probs:
+        return None, "parent log-probabilities precomputed before training"
+    with engines.every_process_loads():
+        return modeling.load_pretrained(model_args), "separate copy of the parent"
+
+
 # ------------------------------------------------------------------------------------- sharded engines
 
 
@@ -189,6 +203,27 @@ def zero3(accelerator) -> bool:
     """Whether `accelerator` runs DeepSpeed ZeRO-3 (weights partitioned across processes)."""
     plugin = accelerator.state.deepspeed_plugin
     return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def references_load_on_every_process(trainer_module):
+    """While a TRL trainer builds itself, the frozen reference it loads on its own (`create_model_from_path` in its
+    module: RLOO's and GRPO's, at `beta` > 0 without LoRA) is read in full on every process
+    (`engines.every_process_loads`). Under FSDP with `fsdp_cpu_ram_efficient_loading` transformers would read it on
+    the first process only, and TRL's `prepare_fsdp` shards it without broadcasting the weights, so the other
+    processes' KL penalty would measure against uninitialised weights. Only that load is changed: the policy, loaded
+    before, still gets its weights from accelerate's broadcast when it is prepared."""
+    load = trainer_module.create_model_from_path
+
+    def every_process(*args, **kwargs):
+        with engines.every_process_loads():
+            return load(*args, **kwargs)
+
+    trainer_module.create_model_from_path = every_process
+    try:
+        yield
+    finally:
+        trainer_module.create_model_from_path = load
 
 
 def frozen_for_engine(accelerator, model):

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import trl
 
-from hfrecipes import data, engines, modeling, record
+from hfrecipes import data, modeling, record
 from hfrecipes.data import ScriptArguments
 from hfrecipes.modeling import ModelConfig
 from hfrecipes.record import Heldout
 from hfrecipes.report import card
 from hfrecipes.stagerun import StageRun
 from hfrecipes.stages import StageFacts, trainer_internals
-from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, logits_lm_heads
+from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, frozen_reference, logits_lm_heads
 
 STAGE = "dpo"
 FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")))
@@ -84,9 +84,7 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
     # log-probabilities; under LoRA the reference is the policy with its adapter disabled.
     run.start(training_args.process_index == 0)
     model = modeling.load_pretrained(model_args)
-    separate_reference = not model_args.use_peft and not training_args.precompute_ref_log_probs
-    with engines.every_process_loads():
-        ref_model = modeling.load_pretrained(model_args) if separate_reference else None
+    ref_model, reference = frozen_reference(model_args, training_args)
 
     # Trainer.
     trainer = DPOTrainer(
@@ -99,9 +97,6 @@ def run(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mode
         peft_config=modeling.peft_config(model_args),
         callbacks=run.callbacks(),
     )
-    reference = "separate copy of the parent" if separate_reference else "adapter-disabled policy"
-    if training_args.precompute_ref_log_probs and not model_args.use_peft:
-        reference = "parent log-probabilities precomputed before training"
     run.describe_model(trainer.model, model_args.model_name_or_path, model_args, reference=reference)
     before = trainer.evaluate() if test_raw is not None else {}
     result = run.train(trainer)

@@ -2,7 +2,7 @@
 
 Every later stage draws its data from here (`hfrecipes.data.tiny_rows`), so the splits are disjoint by
 construction: the held-out and validation problems never appear in the pretraining corpus, the SFT data, the
-preference pairs or the RL prompts. `python -m hfrecipes.tiny.task` prints a sample of each split.
+preference pairs (paired or unpaired) or the RL prompts. `python -m hfrecipes.tiny.task` prints a sample of each split.
 
 The SFT demonstrations come from imperfect annotators with one systematic flaw: on two of every three problems whose
 units digits carry, they drop the carry ("47 plus 38 is 75."). Imitation can therefore get no better than its
@@ -152,6 +152,20 @@ def preference_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
             }
         )
     return rows
+
+
+def unpaired_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
+    """The preference pairs' judgments unpaired, as thumbs up/down arrive: one reply a prompt, the right one
+    (`label` True, desirable) on every other row and the pair's rejected reply (`label` False) on the rest.
+
+    One reply a prompt, not both: a prompt with both its replies judged is a preference pair in disguise, and TRL's
+    KTO estimates its KL term from each row's prompt with its neighbour's reply, which two replies to one prompt side
+    by side would make a matched pair. Alternating labels keep every batch and every prefix of the rows balanced
+    (`max_train_samples`), and the splits' seeded order already decides which problems get the wrong reply."""
+    return [
+        {"prompt": r["prompt"], "completion": r["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+        for i, r in enumerate(preference_rows(pairs, seed))
+    ]
 
 
 def prompt_rows(pairs: list[tuple[int, int]]) -> list[dict]:
