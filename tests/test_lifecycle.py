@@ -589,3 +589,25 @@ def _sets(overrides: dict) -> list[str]:
         for key, value in values.items():
             out += ["--set", f"{stage}.{key}={json.dumps(value)}"]  # quoted: YAML would read `no` as false
     return out
+
+
+@pytest.mark.parametrize("kto, verdict", [(0.45, True), (0.52, True), (0.30, False), (None, None)])
+def test_comparable_claim_is_within_its_margin_or_not_measured(kto, verdict):
+    """`comparable`: KTO from unpaired judgments within 10 points of DPO (0.47) from the same judgments paired."""
+    claim = claimed.Comparable(
+        key="kto", stage="kto", to="dpo", margin=0.10,
+        text="`{stage}` {accuracy} ({flops} FLOPs, {wall}) against `{to}` {to_accuracy} ({to_flops} FLOPs, "
+        "{to_wall}): {gap} (within {margin} expected).",
+    )  # fmt: skip
+    summary = _recorded()
+    summary["stages"].append(_row("kto", "kto", kto, flops=1.9e12))
+    got = claimed.evaluate([claim], summary)
+    if verdict is None:
+        assert got == []
+        return
+    assert got[0]["supported"] is verdict
+    if kto == 0.45:
+        assert got[0]["text"] == (
+            "`kto` 45.0% (1.9 T FLOPs, 61.5 s) against `dpo` 47.0% (2 T FLOPs, 61.5 s): -2.0 points "
+            "(within +10.0 points expected)."
+        )

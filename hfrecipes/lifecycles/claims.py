@@ -202,6 +202,42 @@ class Cheaper(Claim):
 
 
 @dataclass
+class Comparable(Claim):
+    """A stage reaches within `margin` of another's held-out accuracy (or passes it), with the training FLOPs and
+    wall time of each beside: e.g. KTO from unpaired judgments against DPO from the same judgments in pairs."""
+
+    stage: str = field(metadata={"refs": "any", "help": "the stage compared"})
+    to: str = field(metadata={"refs": "any", "help": "the stage it should come close to"})
+    margin: float = field(default=0.10, metadata=MARGIN)
+
+    WORDS = {
+        "text": (
+            "stage", "accuracy", "flops", "wall", "to", "to_accuracy", "to_flops", "to_wall", "gap", "margin",
+        )
+    }  # fmt: skip
+    NEEDS = ("heldout",)
+
+    def check(self, rows, summary):
+        row, to = rows.get(self.stage), rows.get(self.to)
+        if _acc(row) is None or _acc(to) is None:
+            return None
+        gap = _acc(row) - _acc(to)
+        return self._verdict(
+            gap >= -self.margin - 1e-9,
+            stage=self.stage,
+            accuracy=pct(_acc(row)),
+            flops=FORMATS["si"](row["flops"]),
+            wall=FORMATS["duration"](row["wall_seconds"]),
+            to=self.to,
+            to_accuracy=pct(_acc(to)),
+            to_flops=FORMATS["si"](to["flops"]),
+            to_wall=FORMATS["duration"](to["wall_seconds"]),
+            gap=_points(gap),
+            margin=_points(self.margin),
+        )
+
+
+@dataclass
 class CatchesHacking(Claim):
     """A stage's gold check flags its policy gaming the reward model (the proxy reward rising while gold accuracy
     falls). `text` is printed when it flagged, `text_unflagged` when it did not."""
@@ -310,6 +346,59 @@ class OutputCostlier(Claim):
         )
 
 
+@dataclass
+class PaysOff(Claim):
+    """The student distilled from the teacher is cheaper to serve, within `max_accuracy_drop` of the teacher's
+    held-out accuracy, and so pays for its making after some traffic (the `distillation` block's payback)."""
+
+    max_accuracy_drop: float = field(default=0.10, metadata=MARGIN)
+
+    WORDS = {
+        "text": (
+            "teacher",
+            "student",
+            "teacher_accuracy",
+            "student_accuracy",
+            "teacher_params",
+            "student_params",
+            "teacher_request",
+            "student_request",
+            "saving",
+            "cost",
+            "requests",
+            "tokens",
+            "engine",
+            "max_accuracy_drop",
+        )
+    }
+    NEEDS = ("distillation",)
+
+    def check(self, rows, summary):
+        d = summary.get("distillation") or {}
+        pay = d.get("payback") or {}
+        t_acc, s_acc = d.get("teacher_accuracy"), d.get("student_accuracy")
+        if pay.get("saving_per_request") is None or t_acc is None or s_acc is None:
+            return None
+        money = FORMATS["money"]
+        return self._verdict(
+            pay["requests"] is not None and t_acc - s_acc <= self.max_accuracy_drop + 1e-9,
+            teacher=d["teacher"],
+            student=d["student"],
+            teacher_accuracy=pct(t_acc),
+            student_accuracy=pct(s_acc),
+            teacher_params=FORMATS["si"](d.get("teacher_params")),
+            student_params=FORMATS["si"](d.get("student_params")),
+            teacher_request=money(pay["teacher_dollars_per_request"] * 1e6),
+            student_request=money(pay["student_dollars_per_request"] * 1e6),
+            saving=FORMATS["share"](pay.get("saving_share")),
+            cost=money(pay.get("cost_dollars")),
+            requests=FORMATS["si"](pay.get("requests")) if pay.get("requests") is not None else "never",
+            tokens=FORMATS["si"](pay.get("tokens")) if pay.get("tokens") is not None else "never",
+            engine=d.get("engine"),
+            max_accuracy_drop=_points(self.max_accuracy_drop),
+        )
+
+
 # The claim kinds a lifecycle recipe may name, kind -> its dataclass.
 KINDS: dict[str, type[Claim]] = {
     "group_gap": GroupGap,
@@ -317,9 +406,11 @@ KINDS: dict[str, type[Claim]] = {
     "beats": Beats,
     "beats_control": BeatsControl,
     "cheaper": Cheaper,
+    "comparable": Comparable,
     "catches_hacking": CatchesHacking,
     "cutoff": Cutoff,
     "output_costlier": OutputCostlier,
+    "pays_off": PaysOff,
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from hfrecipes import record as records
 from hfrecipes.errors import UsageError
 from hfrecipes.lifecycles import summary as summaries
-from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SEEDS_DIR, Lifecycle, StageSpec, load
+from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SEEDS_DIR, SERVED, Lifecycle, StageSpec, load
 from hfrecipes.stages import facts
 
 logger = logging.getLogger(__name__)
@@ -166,49 +166,58 @@ class LifecycleRun:
 
     # ----------------------------------------------------------------------------------------------- export
 
+    def _exported(self, row: dict[str, Any], export_dir: Path, forced: bool, dtype: str, why: str) -> bool:
+        """Export the stage of `row` to `export_dir` unless the folder there already holds this run of it; whether
+        it was exported now."""
+        prev = records.load_record(export_dir) if export_dir.is_dir() else None
+        stale = (
+            forced
+            or prev is None
+            or row["id"] in self.rerun
+            or prev.parent is None
+            or prev.parent.run_id != row["run_id"]
+        )
+        if stale:
+            from hfrecipes.exporting import export
+
+            logger.info("[%s] export: %s to %s (%s)", self.life.name, row["id"], export_dir, why)
+            export(self.life.root / row["id"], export_dir, dtype=dtype, force=True)
+        else:
+            logger.info("[%s] export of %s: complete, skipped", self.life.name, row["id"])
+        return stale
+
     def export(self, rows: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Export the candidate with the best held-out accuracy (the first listed on a tie); (row, whether new)."""
         life = self.life
         candidates = [rows[c] for c in dict.fromkeys(life.export.candidates)]
         best = max(candidates, key=lambda r: r["heldout_accuracy"] if r["heldout_accuracy"] is not None else -1.0)
-        export_dir = life.root / EXPORT
-        prev = records.load_record(export_dir) if export_dir.is_dir() else None
-        stale = (
-            EXPORT in self.force
-            or prev is None
-            or best["id"] in self.rerun
-            or prev.parent is None
-            or prev.parent.run_id != best["run_id"]
-        )
-        if stale:
-            from hfrecipes.exporting import export
-
-            among = ", ".join(r["id"] for r in candidates)
-            logger.info("[%s] export: %s (best held-out accuracy among %s)", life.name, best["id"], among)
-            export(life.root / best["id"], export_dir, dtype=life.export.dtype, force=True)
-        else:
-            logger.info("[%s] export: complete, skipped", life.name)
+        among = ", ".join(r["id"] for r in candidates)
+        why = f"best held-out accuracy among {among}"
+        stale = self._exported(best, life.root / EXPORT, EXPORT in self.force, life.export.dtype, why)
         return {"id": EXPORT, "from": best["id"], "candidates": [r["id"] for r in candidates]}, stale
 
     # -------------------------------------------------------------------------------------------- inference
 
     def inference(self, stale: bool) -> dict[str, Any]:
         """Batched generation by the export on the evaluation split's prompts; throughput, cost, answers matched."""
+        return self._serve(self.life.root / EXPORT, self.life.root, stale)
+
+    def _serve(self, model_dir: Path, into: Path, stale: bool) -> dict[str, Any]:
+        """Generation by the exported `model_dir` on the evaluation split's prompts, its rows and numbers cached in
+        `into` (generations.jsonl, inference.json) until the export changes."""
         from hfrecipes.inference import generate
         from hfrecipes.report.card import refresh_card
         from hfrecipes.rewards import answers_match
 
         life, inf, ev = self.life, self.life.inference, self.life.evaluation
-        out, cached = life.root / "generations.jsonl", life.root / "inference.json"
+        out, cached = into / "generations.jsonl", into / "inference.json"
         if cached.is_file() and out.is_file() and not stale:
             return json.loads(cached.read_text())
         rows = _eval_rows(life, inf.samples)
         prompts, answers = rows[ev.prompt_column], rows[ev.answer_column]
-        logger.info("[%s] inference: %d held-out prompts on %s", life.name, len(prompts), life.root / EXPORT)
-        gen_rows, stats = generate(
-            life.root / EXPORT, prompts, out, engine=inf.engine, max_new_tokens=inf.max_new_tokens
-        )
-        refresh_card(life.root / EXPORT)  # the export's card with the serving cost just measured
+        logger.info("[%s] inference: %d held-out prompts on %s", life.name, len(prompts), model_dir)
+        gen_rows, stats = generate(model_dir, prompts, out, engine=inf.engine, max_new_tokens=inf.max_new_tokens)
+        refresh_card(model_dir)  # the export's card with the serving cost just measured
         hits = sum(answers_match(r["completions"][0], a) for r, a in zip(gen_rows, answers, strict=True))
         keys = (
             "engine",
@@ -225,9 +234,62 @@ class LifecycleRun:
             "dollars_per_million_output_tokens",
             "output_input_price_ratio",
         )
-        result = {**{k: stats[k] for k in keys}, "accuracy": hits / len(gen_rows)}
+        result = {**{k: stats[k] for k in keys}, "params": stats.get("params"), "accuracy": hits / len(gen_rows)}
         records.atomic_write_text(cached, json.dumps(result, indent=2) + "\n")
         return result
+
+    # ------------------------------------------------------------------------------------------ distillation
+
+    def distillation(self, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Serve the teacher and the student with the same engine on the same prompts, each from its own export
+        under `served/`; the student's making (the `cost_of` stages) against the saving per request gives the
+        traffic after which distillation has paid for itself. The numbers go into the student's export record (its
+        `distillation` block), whose card then says them, and into the summary."""
+        from hfrecipes.costs import distillation_payback
+        from hfrecipes.report.card import refresh_card
+
+        life, d = self.life, self.life.distillation
+        forced = SERVED in self.force
+        served = {}
+        for role, stage_id in (("teacher", d.teacher), ("student", d.student)):
+            folder = life.root / SERVED / stage_id
+            stale = self._exported(rows[stage_id], folder, forced, life.export.dtype if life.export else "auto", role)
+            served[role] = self._serve(folder, folder, stale)
+        made = [rows[i] for i in d.cost_of]
+        cost = sum(r["dollars"] for r in made) if all(r["dollars"] is not None for r in made) else None
+        flops = sum(r["flops"] for r in made) if all(r["flops"] is not None for r in made) else None
+        keep = (
+            "engine",
+            "prompts",
+            "input_tokens",
+            "generated_tokens",
+            "tokens_per_second",
+            "decode_tokens_per_second",
+            "dollars_per_million_input_tokens",
+            "dollars_per_million_output_tokens",
+            "accuracy",
+        )
+        block = {
+            "teacher": d.teacher,
+            "student": d.student,
+            "engine": served["student"]["engine"],
+            "teacher_accuracy": rows[d.teacher]["heldout_accuracy"],
+            "student_accuracy": rows[d.student]["heldout_accuracy"],
+            "teacher_params": served["teacher"].get("params"),
+            "student_params": served["student"].get("params"),
+            "teacher_serving": {k: served["teacher"].get(k) for k in keep},
+            "student_serving": {k: served["student"].get(k) for k in keep},
+            "cost_of": list(d.cost_of),
+            "cost_flops": flops,
+            "payback": distillation_payback(cost, served["teacher"], served["student"]),
+        }
+        student_dir = life.root / SERVED / d.student
+        rec = records.read_record(student_dir)
+        if rec is not None and rec.get("distillation") != block:
+            rec["distillation"] = block
+            records.write_record(student_dir, rec)
+            refresh_card(student_dir)
+        return block
 
 
 def run(
@@ -287,6 +349,7 @@ def _run_one(life: Lifecycle, force: tuple[str, ...]) -> dict[str, Any]:
         exported, stale = this.export(rows)
         if life.inference:
             inference = this.inference(stale)
+    distillation = this.distillation(rows) if life.distillation else None
 
     summary = summaries.build(
         life,
@@ -297,6 +360,7 @@ def _run_one(life: Lifecycle, force: tuple[str, ...]) -> dict[str, Any]:
         sorted(this.rerun),
         time.perf_counter() - started,
         start=start,
+        distillation=distillation,
     )
     summaries.write(life.root, summary)
     logger.info("[%s] summary: %s", life.name, life.root / "summary.md")

@@ -25,6 +25,7 @@ from hfrecipes.recipe import NULL_WORDS, check_values, load_yaml, resolve_recipe
 from hfrecipes.stages import STAGES, facts
 
 EXPORT = "export"  # the export folder in the run folder, and the name `--force export` reruns it by
+SERVED = "served"  # <run_dir>/served/<id>: the teacher and the student exported to be served side by side
 EVERY_STAGE = "*"  # the overrides key that sets a recipe key on every stage
 STAGE_REF = re.compile(r"\{[\w.-]+\}")  # a `--set` value that is a `{id}` placeholder
 
@@ -93,6 +94,19 @@ class InferenceSpec:
 
 
 @dataclass
+class DistillationSpec:
+    """Serve the teacher and the student distilled from it with the same engine on the evaluation split's prompts
+    (each exported to `<run_dir>/served/<id>`); the stages that made the student, its own pretraining included,
+    are what distillation cost, and the saving per request says after how much traffic it has paid for itself."""
+
+    teacher: str = field(metadata={"refs": "scored", "help": "the id of the stage the student learned from"})
+    student: str = field(metadata={"refs": "scored", "help": "the id of the distillation stage"})
+    cost_of: list[str] = field(
+        metadata={"refs": "stage", "min_items": 1, "help": "the ids of the stages that made the student"}
+    )
+
+
+@dataclass
 class ControlSpec:
     """The honest control: `parent` trained further with `recipe`, for as many steps as spend the training FLOPs
     (6·N·D) stage `match_flops_of` spent, at `parent`'s FLOPs per step; or, with `match_wall_time_of`, as many as
@@ -142,6 +156,7 @@ class Lifecycle:
     export: ExportSpec | None = None
     inference: InferenceSpec | None = None
     control: ControlSpec | None = None
+    distillation: DistillationSpec | None = None
     claims: list[Claim] = field(default_factory=list, metadata={"help": "what the summary checks: kind, key, text"})
     source: str = field(default="", init=False)  # the recipe file, for messages and the summary
 
@@ -182,12 +197,21 @@ RULES = (
         "set one, or name a single candidate.",
     ),
     (
-        lambda life: life.inference and not life.export,
+        lambda life: life.inference and not life.export and not life.distillation,
         "inference serves the exported model; add an 'export' block with candidates.",
     ),
     (
         lambda life: life.inference and not life.evaluation.dataset_name,
         "inference answers the evaluation split's prompts; set evaluation: dataset_name.",
+    ),
+    (
+        lambda life: life.distillation and not life.inference,
+        "distillation serves the teacher and the student as inference does; add an 'inference' block (its engine, "
+        "max_new_tokens and samples apply to both).",
+    ),
+    (
+        lambda life: life.distillation and life.distillation.student not in life.distillation.cost_of,
+        "distillation: cost_of must include the student's own stage (the distillation itself).",
     ),
 )
 
@@ -205,6 +229,10 @@ NEEDS = {
     "inference": (
         lambda life: life.inference,
         "it reads the export's serving prices, but there is no 'inference' block; add one.",
+    ),
+    "distillation": (
+        lambda life: life.distillation,
+        "it reads the teacher's and the student's serving prices, but there is no 'distillation' block; add one.",
     ),
 }
 
@@ -262,9 +290,10 @@ def _optional(cls, raw: dict[str, Any], key: str, src: str, ids: dict[str, Any])
 def _id(value: str, where: str, taken: set[str]) -> None:
     if value in taken:
         raise UsageError(f"{where}: id '{value}' is used twice; every stage and the control need their own.")
-    if value in (EXPORT, EVERY_STAGE, SEEDS_DIR) or Path(value).name != value or value in (".", ".."):
+    if value in (EXPORT, SERVED, EVERY_STAGE, SEEDS_DIR) or Path(value).name != value or value in (".", ".."):
         raise UsageError(
-            f"{where}: id '{value}' cannot name a stage folder; use a plain name other than 'export' and 'seeds'."
+            f"{where}: id '{value}' cannot name a stage folder; use a plain name other than 'export', 'served' and "
+            "'seeds'."
         )
 
 
@@ -390,6 +419,7 @@ def load(
         export=_optional(ExportSpec, raw, "export", src, ids),
         inference=_optional(InferenceSpec, raw, "inference", src, ids),
         control=control,
+        distillation=_optional(DistillationSpec, raw, "distillation", src, ids),
         claims=_claims(raw.get("claims") or [], src, ids),
     )
     life.source = src
@@ -403,7 +433,7 @@ def load(
                 raise UsageError(f"{src}: claims[{i}] ({kind_of(claim)}): {message}")
     _merge_overrides(life, overrides)
 
-    known = set(ids["any"]) | ({EXPORT} if life.export else set())
+    known = set(ids["any"]) | ({EXPORT} if life.export else set()) | ({SERVED} if life.distillation else set())
     bad = [f for f in force if f not in known]
     if bad:
         raise UsageError(f"--force names {bad}, not stages of this lifecycle ({', '.join(sorted(known))}).")

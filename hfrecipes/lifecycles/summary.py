@@ -82,6 +82,7 @@ def build(
     ran: list[str],
     wall_seconds: float,
     start: dict[str, Any] | None = None,
+    distillation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary as JSON: the stages' rows, the control's row, export, inference and the stages' total (None
     where no stage recorded a number, and `missing`: the stages a total leaves out, by the card's one rule)."""
@@ -97,6 +98,7 @@ def build(
         "control": control,
         "export": exported,
         "inference": inference,
+        "distillation": distillation,
         "ran_this_time": ran,
         "wall_seconds_this_time": round(wall_seconds, 1),
         "total": total,
