@@ -43,7 +43,7 @@ _EPS = 1e-9  # accuracies are ratios of counts: compare them with a margin, not 
 
 @dataclass
 class GoldOptions:
-    """The gold-check keys of the sft, grpo, rloo, ppo and distill configs; all off until `gold_dataset_name` is set."""
+    """The gold-check keys of the sft, grpo, rloo, ppo and distill configs; off until `gold_dataset_name` is set."""
 
     gold_dataset_name: str | None = field(
         default=None,
