@@ -178,6 +178,15 @@ def dollars_per_million_tokens(price_per_hour: float, tokens_per_second: float) 
     return price_per_hour / (tokens_per_second * 3600.0) * 1e6
 
 
+def traffic_dollars(input_tokens: float, output_tokens: float, input_per_million, output_per_million) -> float | None:
+    """What serving `input_tokens` prompt tokens and `output_tokens` generated tokens costs at per-million prices;
+    None where a price is unknown for tokens that were served."""
+    prices = ((input_tokens, input_per_million), (output_tokens, output_per_million))
+    if any(price is None for tokens, price in prices if tokens):
+        return None
+    return sum(tokens / 1e6 * price for tokens, price in prices if tokens)
+
+
 def break_even(
     training_dollars: float, per_million: float | None, daily_tokens: float | None = None
 ) -> dict[str, float | None]:
@@ -201,8 +210,7 @@ def distillation_payback(
         prices = (m.get("dollars_per_million_input_tokens"), m.get("dollars_per_million_output_tokens"))
         if None in prices or not m.get("prompts"):
             return None
-        dollars = m["input_tokens"] / 1e6 * prices[0] + m["generated_tokens"] / 1e6 * prices[1]
-        return dollars / m["prompts"]
+        return traffic_dollars(m["input_tokens"], m["generated_tokens"], *prices) / m["prompts"]
 
     t, s = per_request(teacher), per_request(student)
     saving = t - s if t is not None and s is not None else None
@@ -234,9 +242,7 @@ def lifetime(
     """Serving at a stated traffic against the training that made the model: dollars a day, the day serving's
     running total passes the training cost (`overtakes_days`, fractional: serving passes it during day
     ceil(overtakes_days)), and serving's share of training plus `days` of serving."""
-    prices = ((daily_input_tokens, input_per_million), (daily_output_tokens, output_per_million))
-    known = all(price is not None for tokens, price in prices if tokens)
-    daily = sum(tokens / 1e6 * price for tokens, price in prices if tokens) if known else None
+    daily = traffic_dollars(daily_input_tokens, daily_output_tokens, input_per_million, output_per_million)
     out: dict[str, float | None] = {
         "daily_input_tokens": daily_input_tokens,
         "daily_output_tokens": daily_output_tokens,

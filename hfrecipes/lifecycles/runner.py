@@ -247,6 +247,7 @@ class LifecycleRun:
         `distillation` block), whose card then says them, and into the summary."""
         from hfrecipes.costs import distillation_payback
         from hfrecipes.report.card import refresh_card
+        from hfrecipes.report.lineage import totals
 
         life, d = self.life, self.life.distillation
         forced = SERVED in self.force
@@ -255,9 +256,9 @@ class LifecycleRun:
             folder = life.root / SERVED / stage_id
             stale = self._exported(rows[stage_id], folder, forced, life.export.dtype if life.export else "auto", role)
             served[role] = self._serve(folder, folder, stale)
-        made = [rows[i] for i in d.cost_of]
-        cost = sum(r["dollars"] for r in made) if all(r["dollars"] is not None for r in made) else None
-        flops = sum(r["flops"] for r in made) if all(r["flops"] is not None for r in made) else None
+        # the lineage's one summing rule, but a making with a stage that recorded no number has no total
+        total, missing = totals([rows[i] for i in d.cost_of], ("dollars", "flops"), name="id")
+        cost, flops = (None if key in missing else total[key] for key in ("dollars", "flops"))
         keep = (
             "engine",
             "prompts",
