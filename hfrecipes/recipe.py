@@ -13,6 +13,7 @@ import difflib
 import enum
 import json
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -533,7 +534,11 @@ def strict_parser(dataclass_types):
         def error(self, message):  # argparse calls this on a bad flag value
             raise UsageError(f"command line: {message}.")
 
-    return StrictParser(dataclass_types, allow_abbrev=False)
+    parser = StrictParser(dataclass_types, allow_abbrev=False)
+    for action in parser._actions:  # argparse %-formats help texts, and TRL's quote Jinja ("{% generation %}")
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
+    return parser
 
 
 def parse(

@@ -288,3 +288,13 @@ def test_a_value_the_library_checks_only_in_training_is_refused_when_parsed(stag
         parse_stage_args(stage, f"tiny/{stage}", **{key: value})
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_help_lists_its_keys(stage, capsys):
+    """`hfrecipes <stage> --help` prints every recipe key, help texts that quote Jinja ("{% generation %}") too."""
+    from hfrecipes import cli
+
+    assert cli.main([stage, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--output_dir" in out and "--model_name_or_path" in out
