@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hfrecipes.errors import UsageError
 from hfrecipes.runner import StageResult, parse_stage_args, run_stage
 from hfrecipes.stages import STAGES, describe
 
@@ -42,6 +43,17 @@ def cost(params: float, tokens: float, device: str = "h100", **options) -> dict[
     return plan(params, tokens, device, **options)
 
 
+def plan(
+    stage: str, recipe: str | Path | None = None, utilisation: float | None = None, **overrides
+) -> dict[str, Any]:
+    """A stage planned before it runs, as `hfrecipes <stage> --config RECIPE --plan` prints it: N, tokens, FLOPs,
+    time on this machine (its measured matmul rate x `utilisation`), dollars, energy and CO2, each an estimate, with
+    no weights loaded and nothing written (see `hfrecipes.planning`). Overrides are recipe keys."""
+    from hfrecipes.runner import plan_stage
+
+    return plan_stage(stage, recipe or f"tiny/{stage}", utilisation=utilisation, **overrides)
+
+
 def push(folder: str | Path, repo_id: str, private: bool | None = None) -> dict[str, Any]:
     """Upload a finished stage folder to the Hub; the token comes from HF_TOKEN or `hf auth login`."""
     from hfrecipes.hub import push as push_folder
@@ -62,12 +74,23 @@ def lifecycle(
     force: tuple[str, ...] | list[str] = (),
     overrides: dict[str, dict[str, Any]] | None = None,
     seeds: int = 1,
+    plan: bool = False,
+    plan_utilisation: float | None = None,
 ) -> dict[str, Any]:
     """Run or resume a whole lifecycle (stages, control, export, inference); returns its summary.
 
     `overrides` maps a stage id, or `*` for every stage, to recipe keys: `{"*": {"max_steps": 5}}`. `seeds` > 1
-    runs it once per seed (every stage's seed raised by 1, 2, ...) and summarises the spread.
+    runs it once per seed (every stage's seed raised by 1, 2, ...) and summarises the spread. `plan=True` trains
+    nothing: it returns every stage's plan and their totals (`hfrecipes.lifecycles.plan`), with the matmul rate
+    measured here times `plan_utilisation` (default: the device kind's), and writes nothing.
     """
+    if plan:
+        from hfrecipes.lifecycles.plan import plan as plan_lifecycle
+        from hfrecipes.lifecycles.spec import load
+
+        return plan_lifecycle(load(recipe, run_dir, overrides, force), plan_utilisation)
+    if plan_utilisation is not None:
+        raise UsageError("plan_utilisation (--plan-utilisation) sets the utilisation of a plan: use it with plan.")
     from hfrecipes.lifecycles.runner import run
 
     return run(recipe, run_dir=run_dir, force=tuple(force), overrides=overrides, seeds=seeds)
@@ -109,6 +132,19 @@ def generate(model_dir: str | Path, prompts, out: str | Path | None = None, **kw
     if kwargs.get("record_stats", True):
         refresh_card(model_dir)
     return rows, stats
+
+
+def evaluate(model_dir: str | Path, tasks: list[str] | str = (), **kwargs) -> dict[str, Any]:
+    """Score a model folder with lm-evaluation-harness (`hfrecipes eval`): bundled tasks offline, any lm-eval task,
+    the contamination check against the lineage's training data and, with `probe=`, the knowledge probe month by
+    month. The results join the folder's record and its card is drawn again (see `hfrecipes.harness.evaluate`)."""
+    from hfrecipes.harness import evaluate as _evaluate
+    from hfrecipes.report.card import refresh_card
+
+    block = _evaluate(model_dir, list(tasks) if not isinstance(tasks, str) else tasks, **kwargs)
+    if kwargs.get("write", True):
+        refresh_card(model_dir)
+    return block
 
 
 def serve(folder: str | Path, port: int = 8000, host: str = "127.0.0.1", wait: bool = True, **kwargs) -> Server:

@@ -3,11 +3,14 @@
 hfrecipes recipes
 hfrecipes check tiny/pretrain
 hfrecipes pretrain --config tiny/pretrain --max_steps 50
+hfrecipes sft --config tiny/sft --plan
+hfrecipes lifecycle tiny/lifecycle --plan
 hfrecipes cost --params 7e9 --tokens 2e12 --device h100 --num-devices 64 --daily-tokens 1e9
 hfrecipes push runs/tiny/pretrain --repo-id me/tiny-pretrain --private
 hfrecipes serve runs/tiny/export --port 8000
 hfrecipes convert SmolLM2-135M-Instruct.Q4_1.gguf runs/smollm2-135m
 hfrecipes export runs/tiny/sft runs/tiny/gguf --format gguf --quant q8_0
+hfrecipes eval runs/tiny/sft --tasks tiny_addition,tiny_facts --probe tiny:facts
 hfrecipes launch ddp --num_processes 2 -- sft --config tiny/sft
 hfrecipes accelerate-config zero3
 """
@@ -21,6 +24,7 @@ import sys
 from pathlib import Path
 
 from hfrecipes.errors import UsageError
+from hfrecipes.harness import BUNDLED as BUNDLED_TASKS
 from hfrecipes.recipe import (
     COUNT,
     NON_NEGATIVE,
@@ -69,6 +73,13 @@ OPTION_RANGES: dict[str, dict[str, tuple[float, float, bool, bool]]] = {
     },
     "serve": {"--port": PORT, "--startup-timeout": POSITIVE},
     "lifecycle": {"--seeds": COUNT},
+    "eval": {
+        "--limit": COUNT,
+        "--num_fewshot": NON_NEGATIVE,
+        "--batch_size": COUNT,
+        "--ngram": COUNT,
+        "--price_per_hour": NON_NEGATIVE,
+    },
 }
 # Each command's output and the inputs it must stay apart from (not be, lie inside or hold one): writing it would
 # change what the command reads, and replacing it (--force) would delete it.
@@ -91,7 +102,7 @@ SHOWN = {
 def check_options(args: argparse.Namespace) -> None:
     """A command's numbers in range, its output apart from its inputs and no file of the user's replaced unasked,
     before anything loads."""
-    if args.command in ("generate", "cost"):
+    if args.command in ("generate", "cost", "eval"):
         check_finite(vars(args), f"hfrecipes {args.command}")  # nan passes every range check
     ranges = OPTION_RANGES.get(args.command, {})
     values = {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in ranges}
@@ -155,6 +166,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch_size", type=int, default=32, help="prompts per batch (transformers)")
     gen.add_argument("--price_per_hour", type=float, help="device price in $/h, for $ per million tokens")
+    ev = sub.add_parser("eval", help="score a model folder with lm-evaluation-harness; contamination checked")
+    ev.add_argument("model_dir", help="a stage or export folder (its record gets the results)")
+    ev.add_argument("--tasks", default="", help=f"comma-separated lm-eval tasks (bundled: {','.join(BUNDLED_TASKS)})")
+    ev.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    ev.add_argument("--num_fewshot", type=int, help="shots (default: each task's own)")
+    ev.add_argument("--engine", default="auto", help="auto (vLLM where installed), vllm or transformers")
+    ev.add_argument("--batch_size", type=int, default=32, help="requests per batch (transformers)")
+    ev.add_argument("--include_path", help="a folder of your own lm-eval task YAML")
+    ev.add_argument("--chat_template", choices=["auto", "yes", "no"], default="auto",
+                    help="apply the tokenizer's chat template (auto: where it has one)")  # fmt: skip
+    ev.add_argument("--ngram", type=int, default=13, help="n of the contamination check's word n-grams")
+    ev.add_argument("--no-contamination", dest="contamination", action="store_false", help="skip the check")
+    ev.add_argument("--probe", help="dated facts (a tiny: name or a jsonl of prompt, answer, choices, date)")
+    ev.add_argument("--cutoff", help="the cutoff the probe splits at, YYYY-MM-DD (default: the record's)")
+    ev.add_argument("--price_per_hour", type=float, help="device price in $/h (default: the device table's)")
     cost = sub.add_parser("cost", help="plan a run: training FLOPs, device-hours, dollars, serving cost, break-even")
     cost.add_argument("--params", type=float, required=True, help="parameters N, e.g. 7e9")
     cost.add_argument("--tokens", type=float, required=True, help="training tokens D, e.g. 2e12")
@@ -223,6 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run the lifecycle N times, every stage's seed raised by 0..N-1 (the others in RUN_DIR/seeds/); the "
         "summary reports each stage's mean and min-max",
     )
+    _plan_options(life, "every stage's")
     names = "ddp, fsdp2, zero2, zero3 (recipes/accelerate/) or a YAML path"
     acc = sub.add_parser("accelerate-config", help="print the path of a bundled accelerate config")
     acc.add_argument("name", help=names)
@@ -236,7 +263,30 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(stage, help=describe(stage), add_help=False, allow_abbrev=False)
         sp.add_argument("--config", help="recipe: a bundled name (tiny/pretrain) or a YAML path")
         sp.add_argument("-h", "--help", action="store_true", help="list every recipe key of this stage")
+        _plan_options(sp, "the stage's")
     return p
+
+
+def _plan_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help=f"print {whose} plan (tokens, FLOPs, time on this machine, dollars, energy; estimates) and exit: "
+        "no weights loaded, nothing trained or written",
+    )
+    parser.add_argument(
+        "--plan-utilisation",
+        type=float,
+        metavar="U",
+        help="the share of this machine's measured matmul rate training reaches, for the plan's time (default: the "
+        "device kind's, see hfrecipes/planning.py)",
+    )
+
+
+def _print_plan(plans: list[dict], total: dict | None = None, control: dict | None = None) -> None:
+    from hfrecipes.report.planned import plan_text
+
+    print(plan_text(plans, total, control))
 
 
 def _check(names: list[str], stage: str | None) -> None:
@@ -343,6 +393,39 @@ def _cost(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
+def eval_table(block: dict) -> str:
+    """`hfrecipes eval`'s printout: one line a task, then the contamination check and the probe."""
+    sets = (block.get("contamination") or {}).get("sets") or {}
+    lines = [f"{'task':<28} {'metric':<12} {'value':>8} {'stderr':>8} {'n':>5} {'overlap':>8} {'clean':>8}"]
+    for name, e in block["tasks"].items():
+        c = sets.get(name) or {}
+
+        def cell(x, pattern="{:.4f}"):
+            return pattern.format(x) if isinstance(x, (int, float)) else "-"
+
+        lines.append(
+            f"{name:<28} {e['metric']:<12} {cell(e['value']):>8} {cell(e['stderr']):>8} "
+            f"{cell(e['examples'], '{}'):>5} {cell(c.get('share'), '{:.1%}'):>8} {cell(c.get('clean_score')):>8}"
+        )
+    contamination = block.get("contamination")
+    if contamination:
+        for name, c in sets.items():
+            if name not in block["tasks"]:
+                lines.append(f"{name}: {c['contaminated']}/{c['items']} items overlap the training data")
+        skipped = "; ".join(f"{u['stage']}: {u['why']}" for u in contamination.get("not_checked") or [])
+        lines.append(
+            f"contamination: {contamination['ngram']}-grams against {contamination['documents']} training documents "
+            f"({', '.join(contamination['sources']) or 'none'}){f'; not checked: {skipped}' if skipped else ''}"
+        )
+    probe = block.get("probe")
+    if probe:
+        lines.append(
+            f"knowledge probe ({probe['dataset']}, cutoff {probe['cutoff']}): {probe['before']['known']}/"
+            f"{probe['before']['total']} facts known before, {probe['after']['known']}/{probe['after']['total']} after"
+        )
+    return "\n".join(lines)
+
+
 def _serve(args: argparse.Namespace) -> int:
     """The server in the foreground until SIGTERM, SIGHUP or Ctrl-C, which stop it and everything it started."""
     import signal
@@ -445,15 +528,38 @@ def main(argv: list[str] | None = None) -> int:
                 f"{stats['flops_per_token']:.3g} FLOPs/token" + (f"; ${cost:.4f} per 1M tokens" if cost else "")
             )
             return 0
+        if args.command == "eval":
+            from hfrecipes.api import evaluate
+
+            block = evaluate(
+                args.model_dir,
+                tasks=[t for t in args.tasks.split(",") if t.strip()],
+                limit=args.limit,
+                num_fewshot=args.num_fewshot,
+                engine=args.engine,
+                batch_size=args.batch_size,
+                include_path=args.include_path,
+                chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
+                ngram=args.ngram,
+                contamination_check=args.contamination,
+                probe=args.probe,
+                cutoff=args.cutoff,
+                price_per_hour=args.price_per_hour,
+            )
+            print(eval_table(block))
+            return 0
         if args.command == "serve":
             return _serve(args)
         if args.command == "lifecycle":
             from hfrecipes.api import lifecycle
             from hfrecipes.lifecycles.spec import parse_sets
 
-            summary = lifecycle(
-                args.recipe, run_dir=args.run_dir, force=args.force, overrides=parse_sets(args.set), seeds=args.seeds
-            )
+            options = {"run_dir": args.run_dir, "force": args.force, "overrides": parse_sets(args.set)}
+            if args.plan:
+                planned = lifecycle(args.recipe, **options, plan=True, plan_utilisation=args.plan_utilisation)
+                _print_plan(planned["stages"], planned["total"], planned["control"])
+                return 0
+            summary = lifecycle(args.recipe, **options, seeds=args.seeds, plan_utilisation=args.plan_utilisation)
             print((Path(summary["run_dir"]) / "summary.md").read_text())
             return 0
         if args.command == "accelerate-config":
@@ -479,11 +585,23 @@ def main(argv: list[str] | None = None) -> int:
             from hfrecipes.stages import get_stage
 
             strict_parser(get_stage(args.command).DATACLASSES).print_help()
+            print(
+                "\n--plan: print the stage's plan (tokens, FLOPs, time on this machine, dollars, energy; estimates) "
+                "and exit, loading no weights and writing nothing; --plan-utilisation U: the share of the measured "
+                "matmul rate its time assumes."
+            )
             return 0
         if args.config is None:
             raise UsageError(
                 f"'{args.command}' needs --config: a bundled recipe (see `hfrecipes recipes`) or a YAML path."
             )
+        if args.plan:
+            from hfrecipes.runner import plan_stage
+
+            _print_plan([plan_stage(args.command, args.config, cli_args=rest, utilisation=args.plan_utilisation)])
+            return 0
+        if args.plan_utilisation is not None:
+            raise UsageError("--plan-utilisation sets the utilisation of a plan: use it with --plan.")
         from hfrecipes.engines import finish
         from hfrecipes.runner import run_stage
 

@@ -789,12 +789,25 @@ def _knowledge_cutoff(datasets_: list, date_column: str | None, declared: str | 
 
 
 def model_cutoff(stage_cutoff: dict[str, Any], parent: dict[str, Any] | None, stage: str) -> dict[str, Any]:
-    """A model knows what its parent knew plus this stage's data: the later of the two dates, and which stage."""
-    inherited = ((parent or {}).get("data") or {}).get("model_cutoff")
-    if stage_cutoff.get("date") and (
-        not inherited or not inherited.get("date") or stage_cutoff["date"] >= inherited["date"]
-    ):
+    """A model knows what its parent knew plus this stage's data: the later of the two dates. `stage` names the stage
+    whose data set that date; three ways to get it, told apart by two keys:
+
+    - set first: the lineage knew no date before this stage (neither key);
+    - moved: this stage's data is dated after the inherited cutoff; `moved_from` holds the inherited `date`, the
+      `stage` that had set it and its `source`;
+    - inherited: this stage's data is undated, older or no newer; the parent's cutoff stands, `moved_from` as it
+      was, and `inherited_from` names the parent's stage.
+    """
+    inherited = ((parent or {}).get("data") or {}).get("model_cutoff") or {}
+    date, before = stage_cutoff.get("date"), inherited.get("date")
+    if date and not before:
         return {**stage_cutoff, "stage": stage}
-    if inherited:
-        return dict(inherited)
+    if date and date > before:
+        moved_from = {"date": before, "stage": inherited.get("stage"), "source": inherited.get("source")}
+        return {**stage_cutoff, "stage": stage, "moved_from": moved_from}
+    if before:
+        out = {k: v for k, v in inherited.items() if k != "inherited_from"}
+        if stage_cutoff.get("knowledge_probe"):  # this stage probed the model it made: its own count, not the parent's
+            out["knowledge_probe"] = stage_cutoff["knowledge_probe"]
+        return {**out, "inherited_from": parent.get("stage")}
     return {**stage_cutoff, "stage": stage}

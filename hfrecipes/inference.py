@@ -231,7 +231,7 @@ def greedy_vllm(model_dir: Path, prompts, max_new_tokens: int = 16) -> list[list
     return [list(r.outputs[0].token_ids) for r in results]
 
 
-def _param_count(model_dir: Path) -> int:
+def param_count(model_dir: Path) -> int:
     """Parameters from the safetensors headers (no weights loaded)."""
     from safetensors import safe_open
 
@@ -381,7 +381,7 @@ def _price(model_dir: Path, generated: int, timing: Timing, price_per_hour: floa
     from hfrecipes.costs import dollars_per_million_tokens, serving
     from hfrecipes.record import device_info
 
-    params = _param_count(model_dir)
+    params = param_count(model_dir)
     wall, prefill = timing.wall, timing.prefill
     tps = generated / wall if wall > 0 else None
     prefill_tps = timing.prefilled / prefill if prefill > 0 else None

@@ -6,10 +6,12 @@ choice (a tie is not known); facts dated on or before the cutoff are counted apa
 chance level of guessing. Deliberate simplification: the continuation's summed log-probability, not normalised by
 its length, as lm-evaluation-harness' `acc`.
 
-The pretrain stage runs it at its end when the recipe sets `knowledge_probe: tiny:facts`; on any folder:
+Facts are also counted by the month they are dated (`by_month`), so a card can draw what a model knows against
+time with its cutoff marked. The pretrain stage runs the probe at its end when the recipe sets
+`knowledge_probe: tiny:facts`; any model folder takes it on your own dated facts:
 
     from hfrecipes import probe
-    probe.probe("runs/tiny/pretrain", None, probe.load_facts("tiny:facts"), "2024-06-30")
+    probe.evaluate("runs/tiny/pretrain", "my_facts.jsonl")  # cutoff: the folder's recorded one
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hfrecipes import data
+from hfrecipes import record as records
 from hfrecipes.errors import UsageError
 
 COLUMNS = ("prompt", "answer", "choices", "date")
@@ -60,18 +63,21 @@ def load_facts(name: str, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def tally(rows: list[dict[str, Any]], scores: list[list[float]], cutoff: str) -> dict[str, Any]:
-    """Known facts before (dated on or before `cutoff`) and after it, from each row's choice scores; chance is the
-    mean of 1/len(choices); `top_choice`: the choice that scores highest in the most rows (the first of a tie), and
-    in how many. Pure arithmetic: no model."""
+    """Known facts before (dated on or before `cutoff`) and after it, from each row's choice scores, and by the
+    month of the fact (`by_month`: "YYYY-MM" -> known, total, accuracy, oldest first); chance is the mean of
+    1/len(choices); `top_choice`: the choice that scores highest in the most rows (the first of a tie), and in how
+    many. Pure arithmetic: no model."""
     limit = dt.date.fromisoformat(cutoff)
     sides = {"before": [0, 0], "after": [0, 0]}
+    months: dict[str, list[int]] = {}
     for row, row_scores in zip(rows, scores, strict=True):
         truth = row_scores[row["choices"].index(row["answer"])]
         known = all(truth > s for j, s in enumerate(row_scores) if row["choices"][j] != row["answer"])
-        side = sides["before" if data.as_date(row["date"]) <= limit else "after"]
-        side[0] += known
-        side[1] += 1
-    out = {key: {"known": k, "total": n, "accuracy": k / n if n else None} for key, (k, n) in sides.items()}
+        day = data.as_date(row["date"])
+        for count in (sides["before" if day <= limit else "after"], months.setdefault(f"{day:%Y-%m}", [0, 0])):
+            count[0] += known
+            count[1] += 1
+    out = {key: _known(k, n) for key, (k, n) in sides.items()}
     # A model that learnt only how common each answer is ranks the choices the same for every fact: its favourite
     # then tops (nearly) every row, and it "knows" just the facts whose answer that is.
     firsts = (max(range(len(sc)), key=sc.__getitem__) for sc in scores)
@@ -82,7 +88,12 @@ def tally(rows: list[dict[str, Any]], scores: list[list[float]], cutoff: str) ->
         **out,
         "chance": sum(1 / len(r["choices"]) for r in rows) / len(rows),
         "top_choice": {"choice": favourite, "rows": count, "total": len(rows)},
+        "by_month": {month: _known(*months[month]) for month in sorted(months)},
     }
+
+
+def _known(known: int, total: int) -> dict[str, Any]:
+    return {"known": known, "total": total, "accuracy": known / total if total else None}
 
 
 def _encode(tok, text: str) -> list[int]:
@@ -144,3 +155,37 @@ def probe(folder_or_model, tok, rows: list[dict[str, Any]], cutoff: str) -> dict
         result["after"]["known"], result["after"]["total"], result["chance"],
     )  # fmt: skip
     return result
+
+
+def evaluate(folder: str | Path, facts: str, cutoff: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """The probe as an evaluation any causal LM can take, on the user's own dated facts: `folder` (a model folder
+    or Hub id), `facts` (a file of `{prompt, answer, choices, date}` rows, a `tiny:` name or a Hub dataset id) and
+    `cutoff` (YYYY-MM-DD; default: the model cutoff the folder's record.json states). Returns `probe`'s counts,
+    `by_month` among them, with `dataset`: the shape a pretrain record keeps and the card draws. The cutoff and the
+    facts are checked before the model loads."""
+    from hfrecipes import modeling
+
+    modeling.check_model_path(str(folder))
+    if cutoff is None:
+        rec = records.read_record(folder) if Path(folder).is_dir() else None
+        cutoff = (((rec or {}).get("data") or {}).get("model_cutoff") or {}).get("date")
+        if cutoff is None:
+            why = "its record.json states no knowledge cutoff" if rec else "it has no hfrecipes record.json"
+            raise UsageError(f"the knowledge probe of '{folder}' needs a cutoff: {why}. Give one as YYYY-MM-DD.")
+    day = _last_day(str(cutoff))
+    if day is None:
+        raise UsageError(f"knowledge probe cutoff {cutoff!r} is not a date YYYY-MM-DD.")
+    rows = load_facts(facts, seed)
+    return {"dataset": facts, **probe(folder, None, rows, day.isoformat())}
+
+
+def _last_day(text: str) -> dt.date | None:
+    """The last day a cutoff covers: a date is itself; a published "YYYY-MM" or "YYYY" covers its whole month or
+    year."""
+    parts = text.split("-")
+    if len(parts) == 2 and all(p.isdigit() for p in parts) and 1 <= int(parts[1]) <= 12:
+        year, month = int(parts[0]), int(parts[1])
+        return dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)
+    if len(parts) == 1 and len(text) == 4 and text.isdigit():
+        return dt.date(int(text), 12, 31)
+    return data.as_date(text)

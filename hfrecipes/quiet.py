@@ -8,13 +8,19 @@ the package is imported, before any of these libraries is.
 from __future__ import annotations
 
 import logging
+import re
 
-# (emitting logger, start of the message's format string)
+# (emitting logger, a regular expression the start of the message matches)
 DROPPED = (
     # bitsandbytes imports with peft (and so with transformers' Trainer) on every command. On a CPU with AVX-512 BF16
     # it tries to fetch a faster 4-bit kernel from the Hub through the optional `kernels` package and says so when it
     # cannot; its own CPU kernel runs instead, and hfrecipes downloads no code at run time.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("bitsandbytes.backends.cpu.ops", re.escape("Failed to load CPU gemm_4bit_forward from kernels-community")),
+    # `hfrecipes eval` hands lm-eval a model it loaded itself (adapters merged, on the inference device) on purpose,
+    # and the bundled tasks read their shipped files through `custom_dataset`, which takes no extra keywords.
+    ("lm_eval.models.huggingface", re.escape("`pretrained` model kwarg is not of type `str`")),
+    ("lm_eval.models.huggingface", re.escape("Passed an already-initialized model through `pretrained`")),
+    ("lm_eval.api.task", r"[\w.-]+: Custom kwargs can be passed to `--metadata`"),
 )
 
 
@@ -24,7 +30,7 @@ class _Drop(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        return re.match(self.prefix, str(record.msg)) is None
 
 
 def install() -> None:

@@ -285,6 +285,25 @@ class EvaluationBlock:
 
 
 @dataclass(frozen=True)
+class EvaluationsBlock:
+    """Benchmark scores from lm-evaluation-harness (`hfrecipes eval`): `tasks` maps a task (a group's parts too) to
+    `metric`, `value`, `stderr`, `examples`, `shots`, `engine` and, on the task asked for, `seconds`, `tokens`,
+    `inference_flops`, `dollars`; `contamination` (`harness.check_sets`): per evaluation set the share of items whose
+    n-grams occur in the lineage's training data and the score on the clean ones; `probe`: the knowledge probe on
+    dated facts, month by month."""
+
+    engine: str | None = None
+    model: str | None = None
+    device: dict[str, Any] | None = None
+    price_per_hour: float | None = _number()
+    chat_template: bool | None = None
+    tasks: dict[str, Any] = field(default_factory=dict)
+    contamination: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class DistillationBlock:
     """What serving a distilled student costs beside its teacher (`hfrecipes lifecycle` with a `distillation` block,
     on the student's served export): both served by one engine on the same held-out prompts, their accuracy and
@@ -305,6 +324,31 @@ class DistillationBlock:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PlanBlock:
+    """The stage's plan, made before it ran with no weights loaded (`hfrecipes.planning`): every number an estimate,
+    each beside how it was estimated (the `*_source` keys, kept in `extra`). The card and the lifecycle summary put
+    the planned tokens, FLOPs, seconds, dollars and energy beside the record's measured ones."""
+
+    estimate: bool = True
+    params: int | None = _number()
+    teacher_params: int | None = _number()
+    steps: int | None = _number()
+    examples_per_step: int | None = _number()
+    tokens_per_example: float | None = _number()
+    tokens: float | None = _number()
+    flops: float | None = _number()
+    seconds: float | None = _number()
+    device_hours: float | None = _number()
+    dollars: float | None = _number()
+    energy_kwh: float | None = _number()
+    co2_kg: float | None = _number()
+    matmul_flops_per_second: float | None = _number()
+    utilisation: float | None = _number()
+    matmul: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 BLOCKS = {  # the blocks later steps add to a record, each typed
     "inference": InferenceBlock,
     "export": ExportBlock,
@@ -312,8 +356,10 @@ BLOCKS = {  # the blocks later steps add to a record, each typed
     "gguf": GGUFBlock,
     "base": BaseBlock,
     "evaluation": EvaluationBlock,
+    "evaluations": EvaluationsBlock,
     "teacher": TeacherBlock,
     "distillation": DistillationBlock,
+    "plan": PlanBlock,
 }
 
 
@@ -339,8 +385,10 @@ class Record:
     gguf: GGUFBlock | None = None
     base: BaseBlock | None = None
     evaluation: EvaluationBlock | None = None
+    evaluations: EvaluationsBlock | None = None
     teacher: TeacherBlock | None = None
     distillation: DistillationBlock | None = None
+    plan: PlanBlock | None = None
     parent: Record | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys no block names
 

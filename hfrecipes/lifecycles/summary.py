@@ -21,6 +21,7 @@ from typing import Any
 from hfrecipes import record as records
 from hfrecipes.lifecycles import claims
 from hfrecipes.record import Record
+from hfrecipes.report import planned as plans
 from hfrecipes.report.card import cards_root
 from hfrecipes.report.format import FORMATS
 from hfrecipes.report.lineage import totals
@@ -52,6 +53,20 @@ def _probe(r: Record) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
+def _benchmarks(r: Record) -> dict[str, Any] | None:
+    """The stage's lm-eval scores (`hfrecipes eval`), one a task asked for (a group, not its parts), with the share
+    of its items that overlap the lineage's training data."""
+    ev = r.evaluations
+    if ev is None:
+        return None
+    sets = (ev.contamination or {}).get("sets") or {}
+    return {
+        name: {"metric": e["metric"], "value": e["value"], "overlap": (sets.get(name) or {}).get("share")}
+        for name, e in ev.tasks.items()
+        if not e.get("group")
+    } or None
+
+
 def row(stage_id: str, stage: str, rec: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
     """A stage's numbers as its record holds them, with the lifecycle's held-out accuracy of its folder."""
     r = Record.parse(rec, f"{stage_id}/{records.RECORD}")
@@ -70,6 +85,8 @@ def row(stage_id: str, stage: str, rec: dict[str, Any], evaluation: dict[str, An
         "heldout": heldout.to_dict() if heldout is not None else None,
         "gold": _gold(r),
         "probe": _probe(r),
+        "benchmarks": _benchmarks(r),
+        "planned": plans.compare(r),
     }
 
 
@@ -103,6 +120,7 @@ def build(
         "wall_seconds_this_time": round(wall_seconds, 1),
         "total": total,
         "missing": missing,
+        "planned_total": plans.total([r.get("planned") for r in rows]),
         "claims_spec": [claims.as_dict(c) for c in life.claims] or None,
     }
     summary["claims"] = claims.evaluate(life.claims, summary)
@@ -177,7 +195,9 @@ def render(summary: dict[str, Any]) -> str:
         parent=stages[control["parent"]] if control else None,
         better=_compare(control, stages[control["matches"]]) if control else None,
         groups=sorted({g for r in summary["stages"] for g in (r.get("by_group") or {})}),
+        tasks=list(dict.fromkeys(t for r in summary["stages"] for t in (r.get("benchmarks") or {}))),
         **FORMATS,
+        **plans.FORMATS,
     )
     return text if text.endswith("\n") else text + "\n"
 

@@ -24,6 +24,7 @@ from hfrecipes.modeling import HEADS, head_of
 from hfrecipes.recipe import resource_dir
 from hfrecipes.record import Record
 from hfrecipes.report import format as fmt
+from hfrecipes.report import planned as plans
 from hfrecipes.report import plots as plotting
 from hfrecipes.report.lineage import EXPORT, Lineage, is_hub_id, kv_block, lineage_numbers, serving_numbers, trained
 
@@ -97,6 +98,17 @@ def _row(n: dict[str, Any], missing: dict[str, list[str]] | None = None) -> dict
     }
 
 
+def cutoff_cell(s: dict[str, Any]) -> str:
+    """The lineage table's cutoff for one stage: the model's cutoff after it, and whether the stage moved it or
+    inherited it (with its own data's older date, where it has one); "unknown" only when nothing before knows."""
+    date, change, own = s["model_cutoff"], s["cutoff_change"], s["knowledge_cutoff"]
+    if not date:
+        return "not published" if s["estimate"] else "unknown"
+    if change == "inherited":
+        return f"{date} (inherited; its data ends {own})" if own and own != date else f"{date} (inherited)"
+    return f"{date} (moved)" if change == "moved" else date
+
+
 def lineage_rows(lineage: Lineage) -> tuple[list[dict[str, str]], dict[str, str]]:
     """The lineage table of the card: formatted rows and the total row (a total that leaves out a stage that did not
     record the number is marked ≥)."""
@@ -104,7 +116,7 @@ def lineage_rows(lineage: Lineage) -> tuple[list[dict[str, str]], dict[str, str]
         {
             "stage": s["stage"] + (" (published, estimated)" if s["estimate"] else ""),
             "data": s["data"],
-            "cutoff": s["knowledge_cutoff"] or ("not published" if s["estimate"] else "unknown"),
+            "cutoff": cutoff_cell(s),
             **_row(s),
         }
         for s in lineage.stages
@@ -136,8 +148,9 @@ def head(r: Record) -> str:
     return model.head or head_of(model.architecture or "") or "causal_lm"
 
 
-def card_data(r: Record, lineage: Lineage):
-    """The front matter: Hub metadata, plus an `hfrecipes` block with the exact numbers of every stage."""
+def card_data(r: Record, lineage: Lineage, model_name: str | None = None):
+    """The front matter: Hub metadata (`model-index` from the evaluations, named `model_name`), plus an `hfrecipes`
+    block with the exact numbers of every stage."""
     from huggingface_hub import ModelCardData
 
     chain = [x for x in r.lineage() if x.stage != EXPORT] or [r]
@@ -157,7 +170,10 @@ def card_data(r: Record, lineage: Lineage):
             "hardware_used": f"{device.get('count', 1)} x {device.get('name') or device.get('kind')}",
         }
     cutoff = r.data.model_cutoff or {}
+    results = eval_results(r)
     return ModelCardData(
+        model_name=model_name if results else None,
+        eval_results=results or None,
         library_name="peft" if adapter else "transformers",
         pipeline_tag=HEADS[head(r)].pipeline_tag,
         tags=list(dict.fromkeys(["hfrecipes", last.stage, r.stage])),
@@ -175,6 +191,72 @@ def card_data(r: Record, lineage: Lineage):
             "total": lineage.total,
         },
     )
+
+
+def eval_results(r: Record) -> list:
+    """The Hub's `model-index` entries: one per task scored by `hfrecipes eval` (its headline metric)."""
+    from huggingface_hub import EvalResult
+
+    ev = r.evaluations
+    if ev is None:
+        return []
+    task_types = {"acc": "multiple-choice", "acc_norm": "multiple-choice"}
+    return [
+        EvalResult(
+            task_type=task_types.get(e["metric"], HEADS[head(r)].pipeline_tag or "text-generation"),
+            dataset_type=name,
+            dataset_name=name,
+            dataset_split="test",
+            metric_type=e["metric"],
+            metric_value=round(e["value"], 4),
+            metric_name=f"{e['metric']} ({e['shots'] or 0}-shot, lm-evaluation-harness)",
+        )
+        for name, e in ev.tasks.items()
+        if e.get("value") is not None
+    ]
+
+
+def evaluations_text(r: Record) -> dict[str, Any] | None:
+    """The card's Evaluation table and contamination table from the record's `evaluations` block."""
+    ev = r.evaluations
+    if ev is None or not ev.tasks:
+        return None
+    sets = (ev.contamination or {}).get("sets") or {}
+    rows = []
+    for name, e in ev.tasks.items():
+        c = sets.get(name) or {}
+        value = fmt.num(e.get("value"))
+        if e.get("stderr") is not None:
+            value += f" ± {fmt.num(e['stderr'])}"
+        rows.append({
+            "task": f"{name} (part of {e['group']})" if e.get("group") else name,
+            "metric": e["metric"],
+            "value": value,
+            "examples": e.get("examples") if e.get("examples") is not None else "",
+            "shots": e.get("shots") or 0,
+            "overlap": fmt.share(c["share"]) if c.get("share") is not None else "",
+            "clean": fmt.num(c["clean_score"]) if c.get("clean_score") is not None else ("none clean" if c else ""),
+            "seconds": fmt.duration(e["seconds"]) if e.get("seconds") is not None else "",
+            "flops": fmt.si(e.get("inference_flops")) if e.get("inference_flops") else "",
+            "dollars": fmt.money(e.get("dollars")) if e.get("dollars") is not None else "",
+        })  # fmt: skip
+    contamination = ev.contamination
+    heldout = [
+        {"set": name, "stage": c.get("stage"), "count": c["items"], "overlap": fmt.share(c["share"])}
+        for name, c in sets.items()
+        if name not in ev.tasks and c.get("share") is not None
+    ]
+    return {
+        "rows": rows,
+        "engine": ev.engine,
+        "chat_template": ev.chat_template,
+        "device": (ev.device or {}).get("name"),
+        "contamination": contamination,
+        "heldout": heldout,
+        "sources": ", ".join(f"{k} ({v.get('documents', '?')} documents)" for k, v in
+                             ((contamination or {}).get("sources") or {}).items()),
+        "not_checked": "; ".join(f"{u['stage']}: {u['why']}" for u in (contamination or {}).get("not_checked") or []),
+    }  # fmt: skip
 
 
 def gold_text(gold: records.GoldBlock | None, plots: list[dict[str, str]]) -> dict[str, Any] | None:
@@ -302,10 +384,28 @@ def serving_curve(block: dict[str, Any] | None, plots: list[dict[str, str]]) -> 
     }
 
 
-def cutoff_text(r: Record, first: Record) -> dict[str, Any]:
+def cutoff_text(r: Record, first: Record, plots: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The model's knowledge cutoff and how far to trust it: a lower bound where the lineage starts from a model
-    with no record of its own, or from a base that publishes no cutoff."""
+    with no record of its own, or from a base that publishes no cutoff. `moved` says when a later stage's data moved
+    it from an earlier stage's date; `probe_stage` names the stage whose model the knowledge probe scored, `plot` its
+    curve by month."""
     cutoff = r.data.model_cutoff or {"date": None, "source": "unknown", "detail": "not recorded"}
+    moved = cutoff.get("moved_from") or {}
+    if moved.get("date"):
+        setter = f" (set by the {moved['stage']} stage)" if moved.get("stage") else ""
+        cutoff = {
+            **cutoff,
+            "moved": f"Moved from {moved['date']}{setter} to {cutoff['date']} by the {cutoff.get('stage')} stage.",
+        }
+    found = cutoff.get("knowledge_probe")
+    if found:
+        probed = [x.stage for x in r.lineage() if (x.data.knowledge_cutoff or {}).get("knowledge_probe") == found]
+        plot = next((p["file"] for p in plots or [] if p["file"] == plotting.PROBE_PLOT), None)
+        cutoff = {**cutoff, "probe_stage": probed[-1] if probed else cutoff.get("stage"), "plot": plot}
+    own = r.evaluations.probe if r.evaluations else None
+    if own:  # `hfrecipes eval --probe` scored this very model: its curve before any parent's
+        plot = next((p["file"] for p in plots or [] if p["file"] == plotting.PROBE_PLOT), None)
+        cutoff = {**cutoff, "knowledge_probe": own, "probe_stage": trained(r).stage, "plot": plot}
     base = first_base(first)
     if base and cutoff.get("date"):
         note = f"; the starting model '{base}' has no hfrecipes record, so this date is only a lower bound"
@@ -365,13 +465,14 @@ def render(
     metrics = {k: getattr(r.metrics, k) for k in counters if getattr(r.metrics, k) is not None}
     metrics |= r.metrics.extra
     auto_class = HEADS[head(r)].auto_class
+    model_name = (exported.model_name if exported else None) or Path(repo).name
     return ModelCard.from_template(
-        card_data(r, lineage),
+        card_data(r, lineage, model_name),
         template_path=str(cards_root() / f"{template}.md"),
-        model_name=(exported.model_name if exported else None) or Path(repo).name,
+        model_name=model_name,
         summary=summary_text(r, len(rows)),
         stage=last.stage,
-        cutoff=cutoff_text(r, first),
+        cutoff=cutoff_text(r, first, plots),
         base=first_base(first),
         base_row=base_text(first if first.stage == records.BASE else None),
         lineage=rows,
@@ -379,6 +480,8 @@ def render(
         params=r.model.params_total,
         compute=last.compute,
         teacher=last.teacher,
+        planned=plans.rows(plans.compare(last)),
+        plan=last.plan,
         lineage_total=lineage.total,
         lineage_total_text=total_text(lineage),
         serve=serve.cost,
@@ -390,13 +493,14 @@ def render(
         flops_break_even=serve.flops_break_even,
         heldout=heldout_line(r.metrics.heldout),
         gold=gold_text(r.metrics.gold, plots),
+        evaluations=evaluations_text(r),
         metrics=metrics,
         adapter=r.model.adapter,
         gguf=exported.gguf if exported else None,
         gguf_check=exported.verify if exported and exported.gguf else None,
         auto_class=auto_class,
         repo=repo,
-        plots=[p for p in plots if p["file"] not in (plotting.SERVING_PLOT, plotting.GOLD_PLOT)],
+        plots=[p for p in plots if p["file"] not in (plotting.SERVING_PLOT, plotting.GOLD_PLOT, plotting.PROBE_PLOT)],
         serving_curve=serving_curve(serving_bench, plots),
         distillation=r.distillation,
         recipe_yaml=yaml.safe_dump(values, sort_keys=False) if values else "{}\n",
@@ -410,10 +514,17 @@ def write_card(folder: str | Path, rec: dict[str, Any], plots: bool = True, name
     the card calls the model by, when the folder is written under a temporary name first."""
     folder = Path(folder)
     r = Record.parse(rec)
+    # the probe's curve is drawn in the folder of the stage (or `hfrecipes eval --probe`) that ran it; a later stage
+    # or an export only cites it
+    found = (r.evaluations.probe if r.evaluations else None) or (r.data.knowledge_cutoff or {}).get("knowledge_probe")
     if plots:
         made = plotting.write_plots(folder) + plotting.write_gold_plot(folder, r)
+        probe_plot = plotting.write_probe_plot(folder, found)
     else:
         made = plotting.existing_plots(folder) + plotting.gold_plots(folder)
+        probe_plot = plotting.PROBE_PLOT if found and (folder / plotting.PROBE_PLOT).is_file() else None
+    if probe_plot:
+        made.append({"title": "knowledge probe", "file": probe_plot})
     bench = read_serving_bench(folder)
     if bench is not None and (folder / plotting.SERVING_PLOT).is_file():
         made.append({"title": "serving", "file": plotting.SERVING_PLOT})

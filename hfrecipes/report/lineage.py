@@ -71,7 +71,27 @@ def stage_numbers(r: Record) -> dict[str, Any]:
         "steps": r.metrics.steps,
         **{name: getattr(r.compute, key) for key, name in COMPUTE_NAMES.items()},
         "knowledge_cutoff": (r.data.knowledge_cutoff or {}).get("date"),
+        **cutoff_change(r),
     }
+
+
+def cutoff_change(r: Record) -> dict[str, Any]:
+    """The model's cutoff after stage `r` and what `r` did to it: `set` (the lineage's first date), `moved` (its data
+    is dated after the parent's cutoff), `inherited` (its data is undated or no newer), or None where no date is
+    known. Read from the record's `moved_from` and `inherited_from`; a record written before those keys existed is
+    told from its date against its parent's."""
+    cutoff = r.data.model_cutoff or r.data.knowledge_cutoff or {}
+    date = cutoff.get("date")
+    if not date:
+        return {"model_cutoff": None, "cutoff_change": None}
+    if "inherited_from" in cutoff:
+        change = "inherited"
+    elif "moved_from" in cutoff:
+        change = "moved"
+    else:
+        before = ((r.parent.data.model_cutoff if r.parent else None) or {}).get("date")
+        change = "set" if not before else "moved" if date > before else "inherited"
+    return {"model_cutoff": date, "cutoff_change": change}
 
 
 def totals(

@@ -1,5 +1,6 @@
 """The PNG plots a card or the lifecycle summary links: training curves from `metrics.jsonl`, the gold check's
-history, held-out accuracy by lifecycle stage. Each is drawn from what a run recorded, never from a recomputation.
+history, the knowledge probe by month, held-out accuracy by lifecycle stage. Each is drawn from what a run
+recorded, never from a recomputation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from hfrecipes.record import Record
 
 GOLD_PLOT = "gold.png"  # the gold check's history (`hfrecipes.gold`): proxy reward and gold accuracy by step
 SERVING_PLOT = "serving.png"  # the throughput curve `bench/serving.py` measures and draws beside its own file
+PROBE_PLOT = "knowledge_probe.png"  # the knowledge probe (`hfrecipes.probe`): facts known by the month of the fact
 
 
 def _figure(width: float, height: float, dpi: int = 100):
@@ -114,6 +116,49 @@ def _gold_plot(gold: records.GoldBlock) -> bytes:
 
 def gold_plots(folder: str | Path) -> list[dict[str, str]]:
     return [{"title": "gold", "file": GOLD_PLOT}] if (Path(folder) / GOLD_PLOT).is_file() else []
+
+
+def write_probe_plot(folder: str | Path, probe: dict[str, Any] | None) -> str | None:
+    """`knowledge_probe.png` from a knowledge probe's counts (`probe.tally`): the file name, or None where the probe
+    counted nothing by month (a record written before `by_month` existed)."""
+    chart = probe_chart(probe) if probe else None
+    if chart is None:
+        return None
+    records.atomic_write_bytes(Path(folder) / PROBE_PLOT, chart)
+    return PROBE_PLOT
+
+
+def probe_chart(probe: dict[str, Any]) -> bytes | None:
+    """Facts known against the month of the fact: one point a month (at its middle, on a time axis so a gap between
+    months shows), its size the number of facts that month; the cutoff a vertical line at its day, chance a dashed
+    line across."""
+    import datetime as dt
+
+    from matplotlib import dates as mdates
+
+    by_month = probe.get("by_month") or {}
+    if not by_month:
+        return None
+    xs = [dt.date.fromisoformat(f"{month}-15") for month in by_month]
+    ys = [100 * v["accuracy"] for v in by_month.values()]
+    fig = _figure(7, 3.5)
+    ax = fig.add_subplot()
+    ax.plot(xs, ys, color="tab:blue", alpha=0.4)
+    sizes = [12 + 12 * v["total"] for v in by_month.values()]
+    ax.scatter(xs, ys, s=sizes, color="tab:blue", zorder=3, label=f"facts known ({probe.get('dataset') or 'probe'})")
+    cutoff = dt.date.fromisoformat(probe["cutoff"])
+    ax.axvline(cutoff, color="tab:red", label=f"cutoff {cutoff}")
+    if probe.get("chance") is not None:
+        ax.axhline(100 * probe["chance"], color="grey", linestyle="--", label="chance")
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.set_xlabel("month of the fact (point size: facts that month)")
+    ax.set_ylabel("facts known (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png(fig)
 
 
 def summary_chart(summary: dict[str, Any]) -> bytes | None:

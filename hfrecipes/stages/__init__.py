@@ -56,11 +56,15 @@ class StageFacts:
     `columns`: the dataset columns it reads, any one of the sets (checked on the raw data before a model loads).
     `head`: the head of the model it writes, a key of `modeling.HEADS` (which also gives the Hub's auto class and
     pipeline tag). `scored`: the lifecycle scores its held-out task accuracy and may export and serve it.
+    `tokens`: what one example adds to the record's `tokens_seen`, which the planner (`hfrecipes.planning`) counts
+    alike: `blocks` a packed block, `rows` a tokenised row, `pairs` a chosen and a rejected sequence, `rollouts` a
+    prompt and its generated reply.
     """
 
     columns: tuple[tuple[str, ...], ...]
     head: str = "causal_lm"
     scored: bool = True
+    tokens: str = "rows"
 
 
 def get_stage(stage_id: str) -> ModuleType:

@@ -37,7 +37,7 @@ from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, whole_weights
 
 STAGE = "distill"
-FACTS = StageFacts(columns=(("prompt",),))
+FACTS = StageFacts(columns=(("prompt",),), tokens="rollouts")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer.model", "config.json")
 
 

@@ -26,7 +26,7 @@ from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import FineTuneDefaults, LogitsHeadOption, frozen_reference, logits_lm_heads
 
 STAGE = "dpo"
-FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")))
+FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")), tokens="pairs")
 # TRL validates loss types only inside the first training step; its config's help text lists them all, so the
 # recipe is checked against that list before anything loads and follows TRL when it adds one.
 LOSS_TYPES = tuple(re.findall(r"`'(\w+)'`", trl.DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))

@@ -23,7 +23,7 @@ from hfrecipes.stages.common import FineTuneDefaults, logits_lm_heads, reference
 
 STAGE = "grpo"
 # `answer` is needed too when the accuracy reward scores the replies (see `outcome_rl.run`).
-FACTS = StageFacts(columns=(("prompt",),))
+FACTS = StageFacts(columns=(("prompt",),), tokens="rollouts")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from hfrecipes.stages.common import FineTuneDefaults
 from hfrecipes.stages.ppo_trainer import PPOTrainer, load_policy, load_value_model
 
 STAGE = "ppo"
-FACTS = StageFacts(columns=(("prompt",),))
+FACTS = StageFacts(columns=(("prompt",),), tokens="rollouts")
 
 
 @dataclass

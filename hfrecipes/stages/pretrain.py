@@ -24,7 +24,7 @@ from hfrecipes.stages import StageFacts, trainer_internals
 from hfrecipes.stages.common import DeviceDefaults, whole_weights
 
 STAGE = "pretrain"
-FACTS = StageFacts(columns=(("text",),))
+FACTS = StageFacts(columns=(("text",),), tokens="blocks")
 
 
 @dataclass

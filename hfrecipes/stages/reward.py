@@ -25,7 +25,9 @@ from hfrecipes.stages.common import FineTuneDefaults
 
 STAGE = "reward"
 # A reward model is no causal LM: the lifecycle neither scores nor exports it.
-FACTS = StageFacts(columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")), head="reward", scored=False)
+FACTS = StageFacts(
+    columns=(("prompt", "chosen", "rejected"), ("chosen", "rejected")), head="reward", scored=False, tokens="pairs"
+)
 
 
 @dataclass
