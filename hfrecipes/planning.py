@@ -279,8 +279,12 @@ def _source_model(training_args, model_args, models, text, in_run: bool):
         )
         how_tok = "a tokenizer trained on the training text, as the run trains it"
     elif getattr(training_args, "tokenizer_name_or_path", None):
-        tok = modeling.load_tokenizer(training_args.tokenizer_name_or_path, model_args.trust_remote_code)
-        how_tok = f"tokenizer '{training_args.tokenizer_name_or_path}'"
+        named = training_args.tokenizer_name_or_path
+        if folder_key(named) in models and models[folder_key(named)].tokenizer is not None:
+            tok = models[folder_key(named)].tokenizer  # an earlier stage's folder, not written yet: its plan's
+        else:
+            tok = modeling.load_tokenizer(named, model_args.trust_remote_code)
+        how_tok = f"tokenizer '{named}'"
     else:
         raise UsageError(
             "pretraining from scratch needs a tokenizer: set train_tokenizer: true or tokenizer_name_or_path."

@@ -106,15 +106,13 @@ def run_stage(
 
 
 def _plan_or_none(stage: str, args) -> dict[str, Any] | None:
-    """The stage's plan before it runs; a plan that fails on anything but bad input (which the run would refuse
-    too) is left out of the record with a warning, and the stage runs."""
-    from hfrecipes.errors import UsageError
+    """The stage's plan before it runs; a plan that fails is left out of the record with a warning, and the stage
+    runs. Bad input is the stage's to refuse, in its own order and words (its data checks come before any model
+    file is read), so a plan that trips over it first says nothing of its own."""
     from hfrecipes.planning import plan_stage as make_plan
 
     try:
         return make_plan(stage, args, in_run=True)[0]
-    except UsageError:
-        raise
     except Exception as e:  # the plan is an estimate beside the run; training goes ahead without it
         logger.warning(
             "the %s stage could not be planned (%s: %s); its record has no plan", stage, type(e).__name__, e
