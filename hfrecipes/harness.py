@@ -168,7 +168,7 @@ def _no_environment_report():
 
 def _primary(config: dict[str, Any], task_results: dict[str, Any]) -> tuple[str, str]:
     """The task's headline metric key in lm-eval's results ("metric,filter") and its metric name: the first metric
-    of the task's list under its first filter."""
+    of the task's list under its first filter; without a list (a group), the first metric reported."""
     metrics = [m["metric"] for m in config.get("metric_list") or []]
     keys = [k for k in task_results if "," in k and not k.split(",")[0].endswith("_stderr")]
     for metric in metrics:
@@ -176,7 +176,7 @@ def _primary(config: dict[str, Any], task_results: dict[str, Any]) -> tuple[str,
             if key.split(",")[0] == metric:
                 return key, metric
     if not keys:
-        raise RuntimeError(f"lm-eval reported no metric for the task: {sorted(task_results)}")
+        raise RuntimeError(f"lm-eval reported no metric: {sorted(task_results)}")
     return keys[0], keys[0].split(",")[0]
 
 
@@ -343,7 +343,7 @@ def evaluate(
                 numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0,
             )  # fmt: skip
         seconds = time.perf_counter() - start
-        leaves = {t: s for t, s in (out.get("samples") or {}).items()}
+        leaves = dict(out.get("samples") or {})
         tokens = sum(_tokens(s, tok) for s in leaves.values())
         flops = costs.inference_flops_per_token(params) * tokens if params else None
         dollars = seconds / 3600 * price if price is not None else None
@@ -352,7 +352,7 @@ def evaluate(
             samples = leaves.get(task_name)
             if samples is None and task_name != name:
                 continue
-            key, metric = _primary(config, result) if config else _group_metric(result)
+            key, metric = _primary(config, result)  # a group has no config: its first reported metric
             n = (out.get("n-samples") or {}).get(task_name) or {}
             entry = {
                 "metric": metric,
@@ -383,7 +383,6 @@ def evaluate(
 
         block["probe"] = probing.evaluate(folder, probe, cutoff)
     if write and rec is not None:
-        rec = records.read_record(folder)
         earlier = rec.get("evaluations") or {}
         merged_tasks = {**(earlier.get("tasks") or {}), **block["tasks"]}
         merged_sets = {**((earlier.get("contamination") or {}).get("sets") or {}),
@@ -506,13 +505,6 @@ def _group_sets(entries: dict[str, Any], sets: dict[str, Any]) -> None:
             "clean_items": items - hits,
             "clean_score": sum(v * n for v, n in clean) / clean_items if clean_items else None,
         }
-
-
-def _group_metric(result: dict[str, Any]) -> tuple[str, str]:
-    keys = [k for k in result if "," in k and not k.split(",")[0].endswith("_stderr")]
-    if not keys:
-        raise RuntimeError(f"lm-eval reported no metric for the group: {sorted(result)}")
-    return keys[0], keys[0].split(",")[0]
 
 
 def _params(folder: Path, rec: dict[str, Any] | None) -> int | None:
